@@ -1,0 +1,12 @@
+"""senet: Squeeze-and-Excitation channel attention, its family, and the networks built with them."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .layers import create_attention, list_attentions
+
+try:
+    __version__ = version("senet")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__", "create_attention", "list_attentions"]

@@ -1,0 +1,48 @@
+"""The `senet` command: a thin shell that hands each subcommand to its tool module.
+
+Each module listed in ``_COMMANDS`` defines ``add_parser(subparsers)``, which registers its
+subcommand(s) with ``set_defaults(func=...)``; ``func(args)`` returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Tool modules providing subcommands, in the order `senet --help` lists them.
+_COMMANDS = [
+    "senet.info",
+]
+
+
+class UserError(Exception):
+    """A mistake we can name: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from senet import __version__
+
+    parser = argparse.ArgumentParser(prog="senet", description=__doc__.splitlines()[0].rstrip("."))
+    parser.add_argument("--version", action="version", version=f"senet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"senet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The one table of attention blocks and the one function that builds them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .eca import CECA, ECA
+from .se import EffectiveSE, SqueezeExcite, se_mobilenetv3, se_released
+from .se_variants import SEGroupConv, SEVar1, SEVar2, SEVar3
+from .sse import SpatialChannelSE, SpatialSE
+
+# name -> block class or preset function; each carries `summary`, `paper` and `arxiv`.
+_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {
+    "se": SqueezeExcite,
+    "se_released": se_released,
+    "se_mobilenetv3": se_mobilenetv3,
+    "se_var1": SEVar1,
+    "se_var2": SEVar2,
+    "se_var3": SEVar3,
+    "se_gc": SEGroupConv,
+    "eca": ECA,
+    "ceca": CECA,
+    "ese": EffectiveSE,
+    "sse": SpatialSE,
+    "scse": SpatialChannelSE,
+}
+
+
+def list_attentions() -> list[str]:
+    """Every registered attention name, in registry order."""
+    return list(_ATTENTIONS)
+
+
+def get_attention(name: str) -> Callable[..., nn.Module]:
+    """The class or preset registered as ``name``."""
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _ATTENTIONS:
+        raise ValueError(f"unknown attention {name!r}; choose one of {list_attentions()}")
+    return _ATTENTIONS[key]
+
+
+def create_attention(name: str, channels: int, **kwargs) -> nn.Module:
+    """Build the attention block registered as ``name`` over ``channels`` channels.
+
+    ``name`` may be ``None``/``"none"`` for ``nn.Identity()`` so networks can always call the block.
+    """
+    if name is None or name == "none":
+        return nn.Identity()
+    return get_attention(name)(channels, **kwargs)
+
+
+def describe_attention(name: str) -> dict[str, str]:
+    """``{"name", "summary", "paper", "arxiv"}`` for a registered block."""
+    block = get_attention(name)
+    return {"name": name, "summary": block.summary, "paper": block.paper, "arxiv": block.arxiv}

@@ -1,0 +1,126 @@
+"""Squeeze-and-Excitation (Hu et al., "Squeeze-and-Excitation Networks", arXiv 1709.01507).
+
+    z = F_sq(u) = mean_{H,W} u                       (eq. 2, global average pooling)
+    s = F_ex(z) = σ(W2 δ(W1 z)),  W1: C/r x C, W2: C x C/r      (eq. 3)
+    x̃_c = s_c · u_c                                  (eq. 4)
+
+The defaults are exactly eq. 3: two bias-free FCs, r = 16, ReLU, sigmoid, average pooling.
+Every knob the implementations in the wild differ in is an argument (see ``_common``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import check_choice, check_channels, check_input, create_act, create_gate, global_pool, hidden_width
+
+
+class SqueezeExcite(nn.Module):
+    """SE block: ``x * gate(fc2(act(fc1(pool(x)))))``.
+
+    Args:
+        channels: C, the channels scaled (input == output shape).
+        reduction: r; hidden width ``hidden_from // r`` (at least 1).
+        hidden: explicit hidden width (overrides ``reduction``).
+        divisor: round the hidden width to a multiple of this (1 = off).
+        hidden_from: channel count the hidden width is computed from (default ``channels``).
+        fc: ``"linear"`` (nn.Linear, the paper) or ``"conv"`` (1x1 nn.Conv2d, MobileNetV3/timm).
+        bias: FC biases (the paper's equations: none; the released Caffe models: yes).
+        act: inner activation δ. gate: σ (``sigmoid``, ``hard_sigmoid``, ``tanh``, ...).
+        pool: squeeze by ``"avg"`` (the paper) or ``"max"`` (ablation, Table 11).
+    """
+
+    paper = "Squeeze-and-Excitation Networks (Hu et al.)"
+    arxiv = "1709.01507"
+    summary = "x * σ(W2 δ(W1 avgpool(x))): two FCs through a C/r bottleneck"
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: float = 16,
+        hidden: int | None = None,
+        divisor: int = 1,
+        hidden_from: int | None = None,
+        fc: str = "linear",
+        bias: bool = False,
+        act: str | type[nn.Module] = "relu",
+        gate: str | type[nn.Module] = "sigmoid",
+        pool: str = "avg",
+    ):
+        super().__init__()
+        self.channels = check_channels(channels)
+        self.hidden = hidden_width(channels, reduction, hidden, divisor, hidden_from)
+        self.fc_kind = check_choice("fc", fc, ("linear", "conv"))
+        self.pool = check_choice("pool", pool, ("avg", "max"))
+        layer = nn.Linear if fc == "linear" else _conv1x1
+        self.fc1 = layer(channels, self.hidden, bias=bias)
+        self.act = create_act(act)
+        self.fc2 = layer(self.hidden, channels, bias=bias)
+        self.gate = create_gate(gate)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The scale s, shaped (B, C, 1, 1)."""
+        check_input(x, self.channels, type(self).__name__)
+        z = global_pool(x, self.pool)  # (B, C, 1, 1)
+        if self.fc_kind == "linear":
+            z = z.flatten(1)  # (B, C)
+        s = self.gate(self.fc2(self.act(self.fc1(z))))
+        return s.view(x.shape[0], self.channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excitation(x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hidden={self.hidden}, fc={self.fc_kind}, pool={self.pool}"
+
+
+def _conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, bias=bias)
+
+
+def se_released(channels: int, **kwargs) -> SqueezeExcite:
+    """The released Caffe SENets' form: FCs with biases (hidden C // 16)."""
+    return SqueezeExcite(channels, **{"bias": True, **kwargs})
+
+
+se_released.paper, se_released.arxiv = SqueezeExcite.paper, SqueezeExcite.arxiv
+se_released.summary = "SE as in the released Caffe SENets: FCs with biases, hidden C // 16"
+
+
+def se_mobilenetv3(channels: int, **kwargs) -> SqueezeExcite:
+    """The MobileNetV3 form (arXiv 1905.02244): 1x1 convs with bias, hidden = make_divisible(C/4, 8),
+    hard-sigmoid gate."""
+    preset = {"reduction": 4, "divisor": 8, "fc": "conv", "bias": True, "gate": "hard_sigmoid"}
+    return SqueezeExcite(channels, **{**preset, **kwargs})
+
+
+se_mobilenetv3.paper, se_mobilenetv3.arxiv = "Searching for MobileNetV3 (Howard et al.)", "1905.02244"
+se_mobilenetv3.summary = "SE as in MobileNetV3: 1x1 convs with bias, hidden make_divisible(C/4, 8), hard-sigmoid"
+
+
+class EffectiveSE(nn.Module):
+    """eSE, effective SE (Lee & Park, "CenterMask", arXiv 1911.06667): one C x C FC, no reduction.
+
+    ``x * hard_sigmoid(W avgpool(x) + b)``, W a 1x1 conv with bias (VoVNetV2).
+    """
+
+    paper = "CenterMask: Real-Time Anchor-Free Instance Segmentation (Lee & Park)"
+    arxiv = "1911.06667"
+    summary = "x * hσ(W avgpool(x) + b): one CxC FC, no channel reduction"
+
+    def __init__(self, channels: int, *, bias: bool = True, gate: str | type[nn.Module] = "hard_sigmoid",
+                 pool: str = "avg"):
+        super().__init__()
+        self.channels = check_channels(channels)
+        self.pool = check_choice("pool", pool, ("avg", "max"))
+        self.fc = nn.Conv2d(channels, channels, 1, bias=bias)
+        self.gate = create_gate(gate)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels, type(self).__name__)
+        return self.gate(self.fc(global_pool(x, self.pool)))  # (B, C, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excitation(x)
