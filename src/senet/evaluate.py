@@ -1,0 +1,234 @@
+"""Evaluate a classifier: top-1/top-5 accuracy, mean loss, per-class accuracy, confusion matrix.
+
+``evaluate(model, loader, ...)`` is the library call (the training loop uses it every epoch);
+``senet eval CHECKPOINT`` is the command: it prints the figures, writes a JSON file with
+provenance (config, versions, device, git revision) and a confusion-matrix PNG.
+
+Accuracies are in percent, as the papers report them (SENet, arXiv 1709.01507, Tables 2-5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class EvalResult:
+    """What one pass over a labelled set measured. Accuracies in percent.
+
+    ``confusion[t, p]`` counts samples of true class t predicted as p (rows sum to the class counts).
+    ``per_class[c]`` is ``confusion[c, c] / confusion[c].sum()`` (NaN for a class with no samples).
+    ``topk`` is the k used for ``top5``: 5, capped at ``num_classes``.
+    """
+
+    top1: float
+    top5: float
+    loss: float
+    per_class: np.ndarray  # (K,)
+    confusion: np.ndarray  # (K, K), int64
+    num_samples: int
+    topk: int = 5
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["per_class"] = [None if np.isnan(a) else float(a) for a in self.per_class]
+        d["confusion"] = self.confusion.tolist()
+        return d
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device | str,
+    num_classes: int,
+    amp_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Run ``model`` over ``loader`` (yielding ``(images, labels)``) without gradients.
+
+    The loss is the mean cross-entropy over samples, computed in float32 even under autocast.
+    The model's train/eval mode is restored afterwards.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    device = torch.device(device)
+    k = min(5, num_classes)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    loss_sum, topk_hits, n = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            with _autocast(device, amp_dtype):
+                logits = model(images)
+            logits = logits.float()  # (B, K)
+            _check_labels(labels, num_classes, logits)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            top = logits.topk(k, dim=1).indices  # (B, k), best first
+            topk_hits += (top == labels[:, None]).any(dim=1).sum().item()
+            # flatten (true, pred) pairs into one index t*K + p and count them
+            idx = (labels * num_classes + top[:, 0]).cpu()
+            confusion += torch.bincount(idx, minlength=num_classes * num_classes)
+            n += labels.numel()
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("the loader yielded no samples; check the data set is not empty")
+    return _summarize(confusion.view(num_classes, num_classes).numpy(), loss_sum, topk_hits, n, k,
+                      time.perf_counter() - start)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"model outputs shape {tuple(logits.shape)} but num_classes={num_classes}; "
+            "build the model with the data set's number of classes"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"label {bad} out of range [0, {num_classes}); check the data set's classes")
+
+
+def _summarize(confusion: np.ndarray, loss_sum: float, topk_hits: int, n: int, k: int,
+               seconds: float) -> EvalResult:
+    counts = confusion.sum(axis=1)  # (K,) samples per true class
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = 100.0 * np.diag(confusion) / counts
+    return EvalResult(
+        top1=100.0 * np.trace(confusion) / n,
+        top5=100.0 * topk_hits / n,
+        loss=loss_sum / n,
+        per_class=per_class.astype(np.float64),
+        confusion=confusion.astype(np.int64),
+        num_samples=n,
+        topk=k,
+        seconds=seconds,
+    )
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def git_revision(cwd: str | Path | None = None) -> str | None:
+    """The checkout's commit (with ``-dirty`` if it has uncommitted changes), or None outside git."""
+    cwd = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def provenance(config: dict, device: torch.device | str) -> dict:
+    """The block every senet results file carries: config, versions, device, git revision, time."""
+    from senet import __version__
+
+    return {
+        "config": config,
+        "versions": {"senet": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "device": {"type": torch.device(device).type, "name": device_name(device),
+                   "threads": torch.get_num_threads()},
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write atomically: a reader never sees a half-written results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (Path, torch.device, torch.dtype)):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------- plots and text
+
+
+def plot_confusion(confusion: np.ndarray, path: str | Path, *, classes: list[str] | None = None,
+                   title: str = "") -> Path:
+    """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = confusion.shape[0]
+    rows = confusion.sum(axis=1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * k, 14), min(1.6 + 0.45 * k, 13)))
+    im = ax.imshow(confusion / rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if k <= 30:  # beyond that the labels are unreadable
+        names = classes or [str(i) for i in range(k)]
+        ax.set_xticks(range(k), names, rotation=90 if k > 10 else 0)
+        ax.set_yticks(range(k), names)
+        for t in range(k):
+            for p in range(k):
+                if confusion[t, p]:
+                    ax.text(p, t, str(confusion[t, p]), ha="center", va="center", fontsize=7,
+                            color="white" if confusion[t, p] / rows[t, 0] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_result(result: EvalResult, classes: list[str] | None = None) -> str:
+    lines = [
+        f"samples {result.num_samples}   top-1 {result.top1:.2f}%   top-{result.topk} {result.top5:.2f}%"
+        f"   loss {result.loss:.4f}",
+        "per-class accuracy:",
+    ]
+    names = classes or [str(i) for i in range(len(result.per_class))]
+    w = max(len(n) for n in names)
+    counts = result.confusion.sum(axis=1)
+    for name, acc, c in zip(names, result.per_class, counts, strict=True):
+        shown = "   n/a" if np.isnan(acc) else f"{acc:6.2f}%"
+        lines.append(f"  {name:<{w}}  {shown}  (n={c})")
+    return "\n".join(lines)
