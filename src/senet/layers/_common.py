@@ -127,7 +127,12 @@ def hidden_width(
 
 
 def check_input(x: torch.Tensor, channels: int, block: str) -> None:
-    """Raise a ValueError naming the problem instead of a shape error from deep inside PyTorch."""
+    """Raise a ValueError naming the problem instead of a shape error from deep inside PyTorch.
+
+    Skipped while the TorchScript tracer runs (ONNX export): the trace fixes the shapes anyway.
+    """
+    if torch.jit.is_tracing():
+        return
     if x.dim() != 4:
         raise ValueError(f"{block} expects a 4D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if x.shape[1] != channels:

@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_choice, check_channels, check_input, create_act, create_gate, global_pool, hidden_width
+from ._common import (
+    check_channels,
+    check_choice,
+    check_input,
+    create_act,
+    create_gate,
+    global_pool,
+    hidden_width,
+)
 
 
 class SqueezeExcite(nn.Module):
