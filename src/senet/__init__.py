@@ -3,10 +3,12 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .layers import create_attention, list_attentions
+from .models import list_models
+from .models import create_model  # the checkpoint-aware one from senet.hub replaces this
 
 try:
     __version__ = version("senet")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "create_attention", "list_attentions"]
+__all__ = ["__version__", "create_attention", "create_model", "list_attentions", "list_models"]

@@ -1,0 +1,83 @@
+"""Threading one attention argument through a residual network: per-stage plans and placements.
+
+Placements follow the SE paper's integration study (Hu et al., arXiv 1709.01507, Fig. 5, Table 14):
+
+    standard   x + A(F(x))          on the residual branch, before the addition (Fig. 5b)
+    pre        x + F(A(x))          before the residual unit, residual branch only (SE-PRE, 5c)
+    post       A(relu(x + F(x)))    after the addition and its ReLU (SE-POST, 5d)
+    identity   A(x) + F(x)          on the identity branch (SE-Identity, 5e)
+    after_3x3  A inside F, right after the (first) 3x3 conv + BN + ReLU (Table 14, "3x3")
+
+``A`` is built over the channels it sees there: the unit's input (pre), the 3x3 conv's output
+(after_3x3) or the unit's output (the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from senet.layers import create_attention, list_attentions
+
+PLACEMENTS = ("standard", "pre", "post", "identity", "after_3x3")
+
+AttnFactory = Callable[[int], nn.Module]  # channels -> attention block (or nn.Identity)
+
+
+def _identity(channels: int) -> nn.Module:
+    return nn.Identity()
+
+
+def check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"attn_placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return placement
+
+
+def stage_attention(
+    attn: str | None,
+    attn_kwargs: Mapping | Sequence[Mapping] | None,
+    attn_stages: Iterable[int] | None,
+    num_stages: int,
+) -> list[AttnFactory]:
+    """One attention factory per stage (1-based stage ``k`` is module ``layer{k}``).
+
+    ``attn_kwargs`` is one dict for every stage or a sequence of ``num_stages`` dicts (e.g. a
+    reduction per stage: ``[{"reduction": 8}, {"reduction": 16}, ...]``). Stages outside
+    ``attn_stages`` (default: all) get ``nn.Identity``.
+    """
+    if attn is not None and attn != "none" and attn not in list_attentions():
+        raise ValueError(f"unknown attn {attn!r}; choose one of {list_attentions()} or None")
+    if attn_kwargs is None or isinstance(attn_kwargs, Mapping):
+        per_stage = [dict(attn_kwargs or {})] * num_stages
+    elif isinstance(attn_kwargs, Sequence) and len(attn_kwargs) == num_stages \
+            and all(isinstance(k, Mapping) for k in attn_kwargs):
+        per_stage = [dict(k) for k in attn_kwargs]
+    else:
+        raise ValueError(f"attn_kwargs must be a dict or a list of {num_stages} dicts (one per stage), "
+                         f"got {attn_kwargs!r}")
+    stages = set(range(1, num_stages + 1)) if attn_stages is None else set(attn_stages)
+    bad = sorted(s for s in stages if s not in range(1, num_stages + 1))
+    if bad:
+        raise ValueError(f"attn_stages {bad} out of range; stages are numbered 1..{num_stages} "
+                         f"(layer1..layer{num_stages})")
+    if attn is None or attn == "none":
+        return [_identity] * num_stages
+    return [partial(create_attention, attn, **kw) if s + 1 in stages else _identity
+            for s, kw in enumerate(per_stage)]
+
+
+class AttnUnit(nn.Module):
+    """Base of residual units: holds ``attn`` (always a module) and applies it where placed."""
+
+    def __init__(self, make_attn: AttnFactory, placement: str, channels: dict[str, int]):
+        super().__init__()
+        self.attn_placement = check_placement(placement)
+        where = placement if placement in ("pre", "after_3x3") else "out"
+        self.attn = make_attn(channels[where])
+
+    def _at(self, where: str, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x) if self.attn_placement == where else x
