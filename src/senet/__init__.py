@@ -3,8 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .layers import create_attention, list_attentions
-from .models import list_models
-from .models import create_model  # the checkpoint-aware one from senet.hub replaces this
+from .models import create_model, list_models  # senet.hub will replace create_model (checkpoint=...)
 
 try:
     __version__ = version("senet")
