@@ -77,3 +77,37 @@ def test_evaluate_rejects_wrong_width_and_bad_labels():
         evaluate(model, _loader(_LABELS, 6), device="cpu", num_classes=4)
     with pytest.raises(ValueError, match="label 7"):
         evaluate(model, [(torch.arange(2), torch.tensor([0, 7]))], device="cpu", num_classes=6)
+
+
+def test_senet_eval_writes_json_and_png(tmp_path):
+    import json
+
+    from senet.checkpoint import save_checkpoint
+    from senet.cli import main
+    from senet.data import create_datasets
+    from senet.models import create_model
+
+    kwargs = {"num_classes": 10, "in_chans": 1}
+    model = create_model("resnet18", **kwargs)
+    ckpt = save_checkpoint(tmp_path / "r18.safetensors", model, arch="resnet18", model_kwargs=kwargs)
+    rc = main(["eval", str(ckpt), "--data", "digits", "--image-size", "8", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    payload = json.loads((tmp_path / "out" / "eval-r18.json").read_text())
+    png = tmp_path / "out" / "eval-r18-confusion.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("config", "versions", "device", "git_revision", "created"):
+        assert key in payload
+    assert payload["versions"]["torch"] == torch.__version__
+    # confusion rows count the val split's true labels, whatever the (random) model predicts
+    val = create_datasets("digits", image_size=8).val
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    conf = np.asarray(payload["result"]["confusion"])
+    np.testing.assert_array_equal(conf.sum(1), torch.bincount(labels, minlength=10).numpy())
+    assert payload["result"]["top1"] == pytest.approx(100 * np.trace(conf) / len(val))
+
+
+def test_senet_eval_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+    from senet.cli import main
+
+    assert main(["eval", str(tmp_path / "nope.safetensors")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

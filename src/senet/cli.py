@@ -13,6 +13,8 @@ import sys
 # Tool modules providing subcommands, in the order `senet --help` lists them.
 _COMMANDS = [
     "senet.info",
+    "senet.evaluate",
+    "senet.convert",
 ]
 
 

@@ -9,6 +9,7 @@ Accuracies are in percent, as the papers report them (SENet, arXiv 1709.01507, T
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import platform
@@ -232,3 +233,62 @@ def format_result(result: EvalResult, classes: list[str] | None = None) -> str:
         shown = "   n/a" if np.isnan(acc) else f"{acc:6.2f}%"
         lines.append(f"  {name:<{w}}  {shown}  (n={c})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- `senet eval`
+
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _checkpoint_data_config(header: dict) -> dict:
+    """The data settings a training run stored in its checkpoint (``extra["config"]``), if any."""
+    config = (header.get("extra") or {}).get("config") or {}
+    return {k: config[k] for k in ("data", "root", "image_size") if config.get(k) is not None}
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    from senet.checkpoint import build_from_checkpoint, load_checkpoint
+    from senet.data import create_datasets, create_loaders
+
+    ckpt = Path(args.checkpoint)
+    _, header = load_checkpoint(ckpt)
+    stored = _checkpoint_data_config(header)
+    data = args.data or stored.get("data", "digits")
+    root = args.root or (stored.get("root") if data == stored.get("data") else None)
+    image_size = args.image_size or stored.get("image_size")
+    bundle = create_datasets(data, root, image_size=image_size)
+    _, loader = create_loaders(bundle, args.batch_size, workers=args.workers)
+    device = torch.device(args.device)
+    model = build_from_checkpoint(ckpt).to(device)
+    result = evaluate(model, loader, device=device, num_classes=bundle.num_classes, amp_dtype=_AMP[args.amp])
+    if bundle.problems and len(bundle.problems):
+        print(bundle.problems.report())
+    print(f"{header['arch']} on {bundle.name} (val, image size {bundle.image_size}):")
+    print(format_result(result, bundle.classes))
+    out = Path(args.out) if args.out else ckpt.parent
+    config = {"checkpoint": str(ckpt), "arch": header["arch"], "data": bundle.describe(),
+              "batch_size": args.batch_size, "amp": args.amp}
+    payload = {**provenance(config, device), "checkpoint_provenance": header.get("provenance"),
+               "classes": bundle.classes, "result": result.to_dict()}
+    json_path = write_json(out / f"eval-{ckpt.stem}.json", payload)
+    png = plot_confusion(result.confusion, out / f"eval-{ckpt.stem}-confusion.png", classes=bundle.classes,
+                         title=f"{header['arch']} on {bundle.name}: top-1 {result.top1:.2f}%")
+    print(f"wrote {json_path} and {png}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5, loss, per-class accuracy, "
+                                    "confusion matrix")
+    p.add_argument("checkpoint", help="a senet .safetensors checkpoint (`senet train`, `senet convert`)")
+    p.add_argument("--data", default=None,
+                   help="data set: digits, cifar10, cifar100, imagefolder:PATH (default: the one the "
+                        "checkpoint was trained on, else digits)")
+    p.add_argument("--root", default=None, help="directory holding the data set files")
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--amp", choices=sorted(_AMP), default="none", help="autocast dtype for the forward pass")
+    p.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
+    p.set_defaults(func=_eval_command)
