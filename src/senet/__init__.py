@@ -2,8 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .hub import create_model  # models.create_model plus checkpoint=... (timm/torchvision/senet)
 from .layers import create_attention, list_attentions
-from .models import create_model, list_models  # senet.hub will replace create_model (checkpoint=...)
+from .models import list_models
 
 try:
     __version__ = version("senet")

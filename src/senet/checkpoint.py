@@ -1,0 +1,174 @@
+"""senet's own checkpoint format: a ``.safetensors`` file with a JSON header in its metadata.
+
+The safetensors ``metadata`` (a str -> str dict) holds one entry, ``"senet"``, a JSON object:
+
+    {"format": "senet", "format_version": 1,
+     "arch": "se_resnet50", "model_kwargs": {...}, "num_classes": 1000,
+     "provenance": {"senet": ..., "torch": ..., "git_revision": ..., "created": ..., "source": ...},
+     "extra": {...}}                      # whatever the caller stored (training state, config, ...)
+
+so ``build_from_checkpoint(path)`` can rebuild the network from the file alone. Tensors are plain
+safetensors: any safetensors reader can load the weights, and loading never unpickles code.
+Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a kill mid-save leaves
+the previous file, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+from torch import nn
+
+FORMAT = "senet"
+FORMAT_VERSION = 1
+_META_KEY = "senet"  # the one safetensors metadata entry holding the JSON header
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    arch: str,
+    model_kwargs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> Path:
+    """Write ``model``'s state dict and a header naming ``arch(**model_kwargs)`` to ``path``.
+
+    ``extra`` is any JSON-serialisable dict stored verbatim under ``header["extra"]``; ``source``
+    says where the weights came from (e.g. ``"timm:seresnet50 converted from x.pth"``).
+    Returns the path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"senet checkpoints are .safetensors files, got {str(path)!r}; "
+                         f"name it {path.with_suffix('.safetensors').name!r}")
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    header = make_header(arch, model_kwargs or {}, tensors, extra=extra, source=source)
+    blob = save(tensors, metadata={_META_KEY: json.dumps(header)})
+    atomic_write_bytes(path, blob)
+    return path
+
+
+def make_header(arch: str, model_kwargs: dict[str, Any], state: Mapping[str, torch.Tensor], *,
+                extra: dict[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
+    """The JSON header of a senet checkpoint (raises ValueError if kwargs/extra are not JSON)."""
+    from senet import __version__
+    from senet.evaluate import git_revision
+
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "model_kwargs": model_kwargs,
+        "num_classes": model_kwargs.get("num_classes", _head_classes(state)),
+        "provenance": {
+            "senet": __version__,
+            "torch": torch.__version__,
+            "git_revision": git_revision(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": source,
+        },
+        "extra": extra or {},
+    }
+    try:
+        json.dumps(header)
+    except TypeError as err:
+        raise ValueError(f"checkpoint header must be JSON-serialisable ({err}); "
+                         "pass plain numbers/strings/lists/dicts in model_kwargs and extra") from None
+    return header
+
+
+def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    # (num_classes, num_features): the classifier senet's networks name `fc`.
+    weight = state.get("fc.weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def atomic_write_bytes(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not every platform lets a directory be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_header(path: str | Path) -> dict[str, Any] | None:
+    """The senet header of a ``.safetensors`` file, or None if it has none (a foreign file)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
+    if _META_KEY not in meta:
+        return None
+    header = json.loads(meta[_META_KEY])
+    _check_header(header, path)
+    return header
+
+
+def _check_header(header: dict[str, Any], path: str | Path) -> None:
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r}: metadata 'senet' has format {header.get('format')!r}, "
+                         "expected 'senet'")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has senet format_version {version!r}; this senet reads up to "
+                         f"{FORMAT_VERSION}: upgrade senet to load it")
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, header)`` of a senet checkpoint; ValueError if ``path`` is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    header = read_header(path)
+    if header is None:
+        raise ValueError(f"{str(path)!r} is a safetensors file without a senet header; load it with "
+                         "senet.create_model(name, checkpoint=PATH) or convert it with `senet convert`")
+    return load_file(str(path)), header
+
+
+def build_from_checkpoint(path: str | Path, **overrides: Any) -> nn.Module:
+    """The network ``header["arch"](**header["model_kwargs"])`` with the file's weights loaded.
+
+    ``overrides`` replace model kwargs that do not change parameter shapes (e.g. ``drop_rate``).
+    """
+    from senet.models import create_model
+
+    state, header = load_checkpoint(path)
+    model = create_model(header["arch"], **{**header["model_kwargs"], **overrides})
+    model.load_state_dict(state, strict=True)
+    return model
