@@ -49,10 +49,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed(seed, epoch, index)
 
 
-def _uniform_ints(seed: int, count: int, high: int) -> list[int]:
-    """``count`` integers in [0, high) from ``seed`` (SplitMix64 stream; modulo bias < high / 2**64)."""
+def _uniform_ints(seed: int, highs: Sequence[int]) -> list[int]:
+    """One integer in [0, high) per entry of ``highs``, from ``seed`` (SplitMix64 stream; bias < high / 2**64)."""
     out, h = [], seed
-    for _ in range(count):
+    for high in highs:
         h = splitmix64(h)
         out.append(h % high)
     return out
@@ -65,8 +65,9 @@ def crop_flip(images: torch.Tensor, seeds: Sequence[int], *, pad: int, flip: boo
     Per sample: dy, dx ~ U{0..2 pad}, flipped with probability 1/2, all drawn from its seed.
     """
     B, C, H, W = images.shape
-    params = torch.tensor([_uniform_ints(s, 3, 2 * pad + 1) for s in seeds], dtype=torch.long).view(B, 3)
-    dy, dx, coin = params[:, 0], params[:, 1], params[:, 2] % 2
+    highs = (2 * pad + 1, 2 * pad + 1, 2)
+    params = torch.tensor([_uniform_ints(s, highs) for s in seeds], dtype=torch.long).view(B, 3)
+    dy, dx, coin = params.unbind(1)  # (B,) each
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images  # (B, C, H + 2p, W + 2p)
     rows = dy[:, None] + torch.arange(H)  # (B, H)
     cols = dx[:, None] + torch.arange(W)  # (B, W)
