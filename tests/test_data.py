@@ -418,7 +418,9 @@ def test_loader_resume_mid_epoch_is_bit_identical(digits):
     torch.manual_seed(0)
     full = _epoch(train, 2)
     torch.manual_seed(999)  # the model's own RNG use must not matter
+    state = torch.get_rng_state()
     resumed = _epoch(create_loaders(digits, 128, workers=0, seed=5).train, 2, start_step=7)
+    assert torch.equal(torch.get_rng_state(), state)  # ... nor is it changed by loading
     assert len(resumed) == len(full) - 7
     for (xa, ya), (xb, yb) in zip(full[7:], resumed, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)

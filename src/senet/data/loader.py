@@ -89,13 +89,16 @@ class EpochLoader(DataLoader):
     """A DataLoader yielding ``(images (B, C, H, W), labels (B,))``; see the module doc for resuming.
 
     Skipped files are recorded in ``problems`` (the bundle's); a batch left empty by them is not
-    yielded (steps still count from the sampler, so resume positions stay valid).
+    yielded (steps still count from the sampler, so resume positions stay valid). Iterating never
+    touches the global RNG.
     """
 
     def __init__(self, dataset, batch_sampler: EpochBatchSampler, *, workers: int, problems: DataProblems,
                  pin_memory: bool = False):
+        # A private generator: the DataLoader draws its worker base seed from it at every iter(), which
+        # would otherwise consume the global RNG (and shift the model's dropout draws on resume).
         super().__init__(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(batch_sampler.seed))
         self.problems = problems
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
