@@ -6,9 +6,17 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .bam import BAM
+from .cbam import CBAM
+from .coord import CoordAttention
 from .eca import CECA, ECA
+from .gc import GlobalContext
+from .gct import GCT
+from .ge import GatherExcite, ge_param
 from .se import EffectiveSE, SqueezeExcite, se_mobilenetv3, se_released
 from .se_variants import SEGroupConv, SEVar1, SEVar2, SEVar3
+from .sk import SelectiveKernel
+from .srm import SRM
 from .sse import SpatialChannelSE, SpatialSE
 
 # name -> block class or preset function; each carries `summary`, `paper` and `arxiv`.
@@ -25,6 +33,15 @@ _ATTENTIONS: dict[str, Callable[..., nn.Module]] = {
     "ese": EffectiveSE,
     "sse": SpatialSE,
     "scse": SpatialChannelSE,
+    "cbam": CBAM,
+    "bam": BAM,
+    "sk": SelectiveKernel,
+    "ge": GatherExcite,
+    "ge_param": ge_param,
+    "gc": GlobalContext,
+    "srm": SRM,
+    "gct": GCT,
+    "coord": CoordAttention,
 }
 
 
