@@ -410,7 +410,13 @@ def test_loader_epoch_is_a_shuffled_permutation_fixed_by_seed_and_epoch(digits):
         assert sorted(orders[seed, epoch]) == list(range(1437))
     assert len({tuple(o) for o in orders.values()}) == 3
     x, y = next(iter(val))
-    assert torch.equal(x, digits.val.__getitems__(list(range(128))).images) and torch.equal(y, digits.val.labels[:128])
+    assert torch.equal(x, digits.val.batch(list(range(128))).images) and torch.equal(y, digits.val.labels[:128])
+
+
+def test_in_memory_data_sets_work_with_a_plain_dataloader(digits):
+    x, y = next(iter(torch.utils.data.DataLoader(digits.val, batch_size=16)))  # default collate
+    assert x.shape == (16, 1, 32, 32) and torch.equal(y, digits.val.labels[:16])
+    assert torch.equal(x[3], digits.val[3][0])
 
 
 def test_loader_resume_mid_epoch_is_bit_identical(digits):

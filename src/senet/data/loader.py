@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ._common import DataBundle, DataProblems, SkippedSample
-from .memory import Batch, InMemoryImages
+from .memory import Batch, InMemoryImages, Samples
 from .transforms import mix_seed, sample_seed
 
 
@@ -74,10 +74,10 @@ class EpochBatchSampler(Sampler):
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
 
 
-def collate(items: Batch | list) -> Batch:
+def collate(items: list) -> Batch:
     """Stack (image, label) samples into a ``Batch``, setting ``SkippedSample``s aside."""
-    if isinstance(items, Batch):  # InMemoryImages.__getitems__ built it already
-        return items
+    if isinstance(items, Samples):  # InMemoryImages.__getitems__ built the batch already
+        return items.batch
     good = [it for it in items if not isinstance(it, SkippedSample)]
     skipped = [it for it in items if isinstance(it, SkippedSample)]
     if not good:

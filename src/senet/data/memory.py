@@ -24,6 +24,15 @@ class Batch(NamedTuple):
     skipped: list[SkippedSample]
 
 
+class Samples(list):
+    """What ``__getitems__`` returns: a list of (image, label), as any collate expects, that also carries
+    the ``Batch`` it was cut from, so ``loader.collate`` skips re-stacking."""
+
+    def __init__(self, batch: Batch):
+        super().__init__(zip(batch.images.unbind(0), batch.labels.tolist(), strict=True))
+        self.batch = batch
+
+
 def split_key(key: Key, augment: bool) -> tuple[int, int]:
     """(index, seed) from a key; a bare index under augmentation draws its seed from the global RNG."""
     if isinstance(key, tuple):
@@ -37,7 +46,8 @@ class InMemoryImages(Dataset):
 
     Training augmentation (``pad`` > 0 and/or ``flip``) is applied before normalisation, so padding
     is black (0), as in the CIFAR recipe. ``__getitems__`` builds a whole batch in one vectorised
-    pass; the DataLoader calls it when it exists.
+    pass; the DataLoader calls it when it exists (any collate works; ``loader.collate`` skips
+    re-stacking).
     """
 
     def __init__(
@@ -64,7 +74,8 @@ class InMemoryImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitems__(self, keys: list[Key]) -> Batch:
+    def batch(self, keys: list[Key]) -> Batch:
+        """The samples ``keys`` as one batch, augmented and normalised in one vectorised pass."""
         idx, seeds = zip(*(split_key(k, self.augment) for k in keys), strict=True)
         index = torch.tensor(idx, dtype=torch.long)
         x = self.images[index]  # (B, C, H, W)
@@ -73,6 +84,9 @@ class InMemoryImages(Dataset):
         x = T.normalize(T.resize(T.to_float(x), self.image_size), self.mean, self.std)
         return Batch(x, self.labels[index], [])
 
+    def __getitems__(self, keys: list[Key]) -> Samples:
+        return Samples(self.batch(keys))
+
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
-        batch = self.__getitems__([key])
+        batch = self.batch([key])
         return batch.images[0], int(batch.labels[0])
