@@ -14,6 +14,7 @@ import sys
 _COMMANDS = [
     "senet.info",
     "senet.evaluate",
+    "senet.compare",
     "senet.convert",
 ]
 
