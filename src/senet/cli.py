@@ -16,6 +16,10 @@ _COMMANDS = [
     "senet.evaluate",
     "senet.compare",
     "senet.convert",
+    "senet.bench",
+    "senet.export",
+    "senet.analyze",
+    "senet.prune",
 ]
 
 

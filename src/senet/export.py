@@ -1,0 +1,304 @@
+"""`senet export`: write a network as ONNX, TorchScript or a torch.export program (``.pt2``) and check
+that the written file reproduces the eager logits (max |difference| <= 1e-4) right after writing it.
+
+Global average pooling (the SE squeeze, eq. 2 of Hu et al., arXiv 1709.01507, and the classifier's
+pooling) is written as ONNX ``GlobalAveragePool``: PyTorch exports ``x.mean((2, 3))`` as
+``ReduceMean`` over axes [2, 3], which some runtimes (and accelerators' compilers) do not treat as
+global pooling. ``rewrite_global_pools`` rewrites the graph after export; the blocks stay unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "torchscript", "pt2")
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+TOLERANCE = 1e-4  # max |logit difference| accepted between the eager model and the exported file
+
+
+# ----------------------------------------------------------------------------- loading a model
+
+
+@dataclass
+class LoadedModel:
+    """A network and what the tools need to know about it."""
+
+    model: nn.Module
+    arch: str
+    model_kwargs: dict
+    input_size: tuple[int, int, int]  # (C, H, W) it expects
+    checkpoint: str | None = None
+    header: dict = field(default_factory=dict)
+
+
+def load_model(spec: str, **model_kwargs) -> LoadedModel:
+    """``spec`` is a registered model name (random weights) or a senet checkpoint path.
+
+    A checkpoint written by `senet prune` (``extra["pruned"]``) is rebuilt with its pruned blocks.
+    The input size is the checkpoint's training image size when it recorded one, else the registry's.
+    """
+    from senet.models import create_model, list_models, model_info
+
+    path = Path(spec)
+    if path.suffix == ".safetensors" or path.exists():
+        from senet.checkpoint import load_checkpoint
+        from senet.prune import rebuild
+
+        state, header = load_checkpoint(path)
+        kwargs = {**header["model_kwargs"], **model_kwargs}
+        model = rebuild(header["arch"], kwargs, state, header.get("extra") or {})
+        config = (header.get("extra") or {}).get("config") or {}
+        c, h, w = model_info(header["arch"]).input_size
+        size = config.get("image_size") or h
+        return LoadedModel(model.eval(), header["arch"], kwargs, (kwargs.get("in_chans", c), size, size),
+                           str(path), header)
+    if spec not in list_models():
+        raise ValueError(f"{spec!r} is neither a file nor a registered model; pass a senet .safetensors "
+                         "checkpoint or a name from `senet models`")
+    model = create_model(spec, **model_kwargs).eval()
+    c, h, w = model_info(spec).input_size
+    return LoadedModel(model, spec, dict(model_kwargs), (model_kwargs.get("in_chans", c), h, w))
+
+
+# ----------------------------------------------------------------------------- ONNX graph rewrite
+
+
+def _axes(node, constants: dict[str, np.ndarray]) -> list[int] | None:
+    """The reduction axes of a Reduce* node: an attribute up to opset 17, the 2nd input from 18."""
+    import onnx
+
+    for attr in node.attribute:
+        if attr.name == "axes":
+            return list(onnx.helper.get_attribute_value(attr))
+    if len(node.input) > 1 and node.input[1] in constants:
+        return [int(a) for a in constants[node.input[1]].reshape(-1)]
+    return None
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return found
+
+
+def _ranks(model) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    infos = [*g.value_info, *g.input, *g.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
+
+
+_GLOBAL = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
+
+
+def rewrite_global_pools(model) -> int:
+    """Replace ``ReduceMean``/``ReduceMax`` over axes [2, 3] of a 4D tensor by ``GlobalAveragePool`` /
+    ``GlobalMaxPool`` (followed by ``Flatten`` when ``keepdims=0``), in place. Returns the count."""
+    import onnx
+
+    graph = model.graph
+    constants, ranks = _constants(graph), _ranks(model)
+    nodes, count = [], 0
+    for node in graph.node:
+        axes = _axes(node, constants) if node.op_type in _GLOBAL else None
+        rank = ranks.get(node.input[0]) if axes is not None else None
+        if rank != 4 or sorted(a % 4 for a in axes) != [2, 3]:
+            nodes.append(node)
+            continue
+        keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        pooled = node.output[0] if keep else node.output[0] + "_pooled"
+        nodes.append(onnx.helper.make_node(_GLOBAL[node.op_type], [node.input[0]], [pooled], name=node.name))
+        if not keep:  # (B, C, 1, 1) -> (B, C)
+            nodes.append(onnx.helper.make_node("Flatten", [pooled], [node.output[0]], axis=1,
+                                               name=node.name + "_flatten"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    return count
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
+                 exporter: str) -> None:
+    import onnx
+
+    kw = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        if exporter == "dynamo":
+            dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+            prog = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dyn, verbose=False, **kw)
+            proto = prog.model_proto
+        else:
+            dyn = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+            tmp = path.with_name(path.name + ".raw")
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, dynamic_axes=dyn, **kw)
+            proto = onnx.load(str(tmp))
+            tmp.unlink()
+    rewrite_global_pools(proto)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still what C++ users load
+        torch.jit.save(torch.jit.trace(model, x), str(path))
+
+
+def _export_pt2(model: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool) -> None:
+    dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dyn), str(path))
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads, default torch's)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_exported(path: str | Path, fmt: str):
+    """A callable ``x (torch.Tensor) -> logits (torch.Tensor)`` running the written file."""
+    if fmt == "onnx":
+        sess = onnx_session(path)
+        name = sess.get_inputs()[0].name
+        return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+    if fmt == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    return torch.export.load(str(path)).module()
+
+
+# ----------------------------------------------------------------------------- export + parity
+
+
+@dataclass
+class ExportReport:
+    path: str
+    format: str
+    max_abs_diff: float  # over every batch size checked
+    batch_sizes: list[int]
+    tolerance: float = TOLERANCE
+    onnx_ops: dict[str, int] = field(default_factory=dict)  # op type -> count (ONNX only)
+    global_pools_rewritten: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def export_model(model: nn.Module, path: str | Path, fmt: str, input_size: tuple[int, int, int], *,
+                 dynamic_batch: bool = False, opset: int = 18, exporter: str = "dynamo",
+                 seed: int = 0) -> ExportReport:
+    """Write ``model`` (CPU, eval mode) to ``path`` as ``fmt`` and compare the file's logits with the eager
+    model's on random inputs: batch 2, and batch 3 as well with ``dynamic_batch``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *input_size, generator=gen)  # batch 2: torch.export specialises a batch of 1
+    if fmt == "onnx":
+        _export_onnx(model, x, path, opset, dynamic_batch, exporter)
+    elif fmt == "torchscript":
+        _export_torchscript(model, x, path)
+    else:
+        _export_pt2(model, x, path, dynamic_batch)
+    return _parity(model, path, fmt, input_size, [2, 3] if dynamic_batch else [2], gen)
+
+
+def _parity(model: nn.Module, path: Path, fmt: str, input_size, batches: list[int], gen) -> ExportReport:
+    run = run_exported(path, fmt)
+    worst = 0.0
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, *input_size, generator=gen)
+            worst = max(worst, (run(x).float() - model(x).float()).abs().max().item())
+    report = ExportReport(str(path), fmt, worst, batches)
+    if fmt == "onnx":
+        import onnx
+
+        ops: dict[str, int] = {}
+        for node in onnx.load(str(path)).graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        report.onnx_ops = dict(sorted(ops.items()))
+    return report
+
+
+def export_to_temp_onnx(model: nn.Module, input_size, *, dynamic_batch: bool = True) -> Path:
+    """Export to an ONNX file in a fresh temporary directory (used by `senet bench --runtime onnxruntime`)."""
+    path = Path(tempfile.mkdtemp(prefix="senet-onnx-")) / "model.onnx"
+    report = export_model(model, path, "onnx", input_size, dynamic_batch=dynamic_batch, exporter="torchscript",
+                          opset=17)
+    if not report.ok:
+        raise ValueError(f"ONNX export differs from the eager model by {report.max_abs_diff:.2e} "
+                         f"(> {report.tolerance}); not benchmarking a wrong graph")
+    return path
+
+
+# ----------------------------------------------------------------------------- `senet export`
+
+
+def _command(args: argparse.Namespace) -> int:
+    from senet.evaluate import provenance, write_json
+
+    loaded = load_model(args.model)
+    size = (loaded.input_size[0], args.res or loaded.input_size[1], args.res or loaded.input_size[2])
+    stem = Path(args.model).name.removesuffix(".safetensors")
+    out = Path(args.out) if args.out else Path(f"{stem}{_SUFFIX[args.format]}")
+    report = export_model(loaded.model, out, args.format, size, dynamic_batch=args.dynamic_batch,
+                          opset=args.opset, exporter=args.exporter)
+    verdict = "OK" if report.ok else "MISMATCH"
+    print(f"wrote {out} ({args.format}, input {tuple(size)}, "
+          f"{'dynamic' if args.dynamic_batch else 'fixed'} batch)")
+    print(f"parity vs eager on batch {report.batch_sizes}: max |diff| {report.max_abs_diff:.2e} "
+          f"(tolerance {report.tolerance:g}) {verdict}")
+    if report.onnx_ops:
+        print("ONNX ops: " + ", ".join(f"{k} {v}" for k, v in report.onnx_ops.items()))
+    config = {"model": args.model, "arch": loaded.arch, "format": args.format, "input_size": size,
+              "dynamic_batch": args.dynamic_batch, "opset": args.opset, "exporter": args.exporter}
+    write_json(out.with_name(out.name + ".json"), {**provenance(config, "cpu"), "report": asdict(report)})
+    return 0 if report.ok else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write ONNX / TorchScript / torch.export (.pt2) and check its outputs")
+    p.add_argument("model", help="a senet .safetensors checkpoint or a registered model name")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--dynamic-batch", action="store_true", help="batch dimension free (checked at 2 and 3)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="ONNX exporter: torch.export-based (default) or the legacy TorchScript one (faster)")
+    p.add_argument("--res", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--out", default=None, help="output file (default: <model><suffix> here)")
+    p.set_defaults(func=_command)
