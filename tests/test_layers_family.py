@@ -340,3 +340,17 @@ def test_coord_mip_is_max_8_c_over_32(channels, mip):
     b = create_attention("coord", channels)
     assert b.hidden == mip
     assert _params(b) == (channels * mip + mip) + 2 * mip + 2 * (mip * channels + channels)
+
+
+@pytest.mark.parametrize("kw", [{"extent": 4}, {"extent": 2, "mlp": True}])
+def test_ge_windowed_exports_to_onnx(kw):
+    # The generic ONNX check builds "ge" with its default global extent; the pooled-window path too.
+    import io
+
+    ort = pytest.importorskip("onnxruntime")
+    block = _block("ge", 32, **kw).float()
+    x = torch.randn(2, 32, 9, 7)
+    buf = io.BytesIO()
+    torch.onnx.export(block, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False)
+    (out,) = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), block(x), atol=1e-5, rtol=1e-5)

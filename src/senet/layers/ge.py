@@ -120,8 +120,8 @@ class GatherExcite(nn.Module):
         if self.feat_size is not None and tuple(x.shape[-2:]) != self.feat_size:
             raise ValueError(f"GatherExcite was built with feat_size={self.feat_size} for its global depthwise "
                              f"gather but the input is {tuple(x.shape[-2:])}; rebuild it with that feat_size")
-        g = self.mlp(self.gather(x))  # (B, C, H', W')
-        if g.shape[-2:] != (1, 1):
+        g = self.mlp(self.gather(x))  # (B, C, H', W'); (B, C, 1, 1) for the global extent
+        if self.extent:  # decided at build time, not from traced shapes
             g = F.interpolate(g, size=x.shape[-2:], mode="nearest")  # excite: back to (H, W)
         return self.gate(g)
 
