@@ -83,7 +83,7 @@ def test_cbam_by_hand():
 
 
 def test_cbam_resnet50_count_is_paper_28_09m():
-    # Woo et al. Table 4: ResNet-50 + CBAM 28.09M. One CBAM per bottleneck (16), MLP with biases and
+    # REFERENCE.md / Woo et al.: ResNet-50 + CBAM 28.09M. One CBAM per bottleneck (16), MLP with biases and
     # a 7x7 conv + BN: exactly SE-ResNet-50 (28,088,024, REFERENCE.md) + 16 x (2*49 + 2).
     added = sum(n * _params(create_attention("cbam", c)) for c, n in RESNET50_STAGES)
     assert RESNET50 + added == 28_088_024 + 16 * 100
@@ -291,9 +291,9 @@ def test_srm_by_hand():
 
 def test_srm_counts():
     assert _params(create_attention("srm", 64)) == 4 * 64  # CFC 2C + BN 2C
-    # Lee et al. Table: SRM-ResNet-50 25.62M (one SRM per bottleneck).
+    # Lee et al.'s ImageNet table: SRM-ResNet-50 25.62M (one SRM per bottleneck; 25,617,448 exactly).
     added = sum(n * _params(create_attention("srm", c)) for c, n in RESNET50_STAGES)
-    assert round((RESNET50 + added) / 1e6, 2) == 25.62
+    assert RESNET50 + added == 25_617_448 and round((RESNET50 + added) / 1e6, 2) == 25.62
 
 
 # --- GCT ----------------------------------------------------------------------------------------
