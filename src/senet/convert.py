@@ -316,7 +316,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bo
         raise ValueError("nothing in the checkpoint fits the model: " + (problems or "no common keys"))
     if strict and problems:
         raise ValueError(problems)
-    if source and source.arch and arch and source.arch != arch:
+    if source and source.arch and arch and source.arch != arch and not report.new:
         report.notes.append(f"the checkpoint matches senet {source.arch!r}, loaded into {arch!r}: parameters "
                             "that fit are loaded, but the two may compute differently (stride placement, "
                             "pooling, attention)")
@@ -420,7 +420,7 @@ def _convert_cmd(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a timm/torchvision/senet checkpoint to senet's format",
-                       description="Detect a checkpoint's layout (timm ResNet/SE-ResNet(X)t, timm legacy "
+                       description="Detect a checkpoint's layout (timm ResNet/SE-ResNet/SE-ResNeXt, timm legacy "
                                    "Caffe SENets, torchvision ResNet/ResNeXt, senet), map it onto the "
                                    "matching senet network and write a senet .safetensors checkpoint.")
     p.add_argument("input", help="a .pth/.pt/.bin/.ckpt state dict or a .safetensors file")
