@@ -1,0 +1,86 @@
+"""senet bench: statistics by hand, saved-activation memory by hand, a tiny interleaved run and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from senet.bench import BenchConfig, activation_bytes, paired_ratio_ci, percentiles, run_bench
+from senet.cli import main
+
+
+def test_percentiles_by_hand():
+    stats = percentiles([t / 1000 for t in range(1, 101)])  # 1..100 ms
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["mean_ms"] == pytest.approx(50.5)
+
+
+def test_paired_ratio_exact_and_noisy():
+    base = [1.0, 2.0, 1.5, 3.0]
+    exact = paired_ratio_ci([1.1 * b for b in base], base)
+    # a constant ratio in every round: every resample gives it, so the interval collapses onto it
+    assert exact["ratio"] == pytest.approx(1.1)
+    assert exact["ci_low"] == pytest.approx(1.1) and exact["ci_high"] == pytest.approx(1.1)
+    rng = np.random.default_rng(1)
+    b = rng.uniform(1, 2, 30)
+    noisy = paired_ratio_ci(list(1.2 * b * rng.uniform(0.9, 1.1, 30)), list(b))
+    assert noisy["ci_low"] < noisy["ratio"] < noisy["ci_high"]
+    assert noisy["ci_low"] < 1.2 < noisy["ci_high"] and noisy["ci_high"] - noisy["ci_low"] < 0.1
+
+
+def test_paired_ratio_needs_two_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        paired_ratio_ci([1.0], [1.0])
+
+
+def test_activation_bytes_by_hand():
+    # Linear saves its input (B, 4); ReLU saves its output (B, 8); weights are not activations
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    assert activation_bytes(model, torch.randn(3, 4)) == 4 * (3 * 4 + 3 * 8)
+    # conv saves its input (B, 2, 5, 5); the weights (parameters) are excluded
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    assert activation_bytes(conv, torch.randn(1, 2, 5, 5)) == 4 * 2 * 5 * 5
+
+
+def test_interleaved_bench_with_baseline():
+    cfg = BenchConfig("se_resnet20", "resnet20", batch=[2], res=8, rounds=3, iters=1, warmup=1)
+    payload = run_bench(cfg)
+    subjects = {s["name"]: s for s in payload["subjects"]}
+    # SE on resnet20 (r=16, no biases): 2 * C * (C // 16) per unit, 3 units per stage of C = 16, 32, 64
+    added = sum(3 * 2 * c * (c // 16) for c in (16, 32, 64))
+    assert subjects["se_resnet20"]["params"] - subjects["resnet20"]["params"] == added
+    assert subjects["se_resnet20"]["macs"] - subjects["resnet20"]["macs"] == added  # FC MACs = FC weights
+    entry = payload["batches"][2]
+    for r in entry["results"].values():
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_img_s"] > 0
+        assert r["memory_bytes"] > 0
+    # SE saves more activations (the pooled vector, FC inputs, gate output, the scaled map)
+    res = entry["results"]
+    assert res["se_resnet20"]["memory_bytes"] > res["resnet20"]["memory_bytes"]
+    o = entry["overhead"]
+    assert o["rounds"] == 3 and o["ci_low"] <= o["ratio"] <= o["ci_high"]
+
+
+def test_onnxruntime_and_train_modes():
+    ort = run_bench(BenchConfig("se_resnet20", batch=[1], res=8, runtime="onnxruntime", rounds=1, iters=1))
+    assert ort["batches"][1]["results"]["se_resnet20"]["p50_ms"] > 0
+    train = run_bench(BenchConfig("se_resnet20", batch=[2], res=8, train=True, rounds=1, iters=1, warmup=1))
+    assert train["batches"][2]["results"]["se_resnet20"]["p50_ms"] > 0
+    with pytest.raises(ValueError, match="onnxruntime"):
+        run_bench(BenchConfig("se_resnet20", runtime="onnxruntime", train=True))
+
+
+def test_cli_bench_json_with_provenance(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "se_resnet20", "--baseline", "resnet20", "--res", "8", "--rounds", "2", "--iters", "1",
+                 "--warmup", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "time ratio" in text and "95% CI" in text
+    payload = json.loads(out.read_text())
+    assert payload["config"]["baseline"] == "resnet20" and payload["versions"]["senet"]
+    assert payload["device"]["type"] == "cpu" and "git_revision" in payload
+    assert main(["bench"]) == 2  # neither MODEL nor --paper
