@@ -246,6 +246,9 @@ def test_our_format_round_trip_with_header_and_provenance(tmp_path, x):
     rebuilt = senet.create_model(checkpoint=path)  # name and kwargs from the header
     assert rebuilt.arch_name == "se_resnet18" and rebuilt.load_report.new == []
     torch.testing.assert_close(logits(rebuilt, x), ref, atol=0, rtol=0)
+    again = tmp_path / "again.safetensors"  # `senet convert` of our own format keeps arch and kwargs
+    assert cli.main(["convert", str(path), str(again)]) == 0
+    assert load_checkpoint(again)[1]["model_kwargs"] == kwargs
 
 
 def test_foreign_or_newer_safetensors_is_not_our_format(tmp_path):
