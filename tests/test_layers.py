@@ -61,15 +61,18 @@ def test_dtypes(name, dtype):
     ref = block(x)
     y = block.to(dtype)(x.to(dtype))
     assert y.dtype == dtype
-    tol = 1e-6 if dtype == torch.float64 else 1e-1
-    torch.testing.assert_close(y.float(), ref, atol=tol, rtol=tol)
+    # The float32 reference itself carries float32 rounding (SK sums 288 products per output).
+    tol = 1e-5 if dtype == torch.float64 else 1e-1
+    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_channels_last_matches_contiguous(name):
     block = _block(name)
     x = torch.randn(2, C, 7, 6)
-    torch.testing.assert_close(block(x.to(memory_format=torch.channels_last)), block(x), atol=1e-6, rtol=1e-5)
+    ref = block(x)
+    torch.testing.assert_close(block(x.to(memory_format=torch.channels_last)), ref,
+                               atol=1e-6 * ref.abs().max().item(), rtol=1e-5)
 
 
 def onnx_bytes(module, x, dynamo):
