@@ -1,0 +1,14 @@
+"""``senet.attach``: put attention into a network a user already has (issue 7).
+
+    model, report = attach(torchvision.models.resnet50(), "se", where="residual")
+
+See ``_core`` for how blocks are inserted and identity-initialised, ``_rules`` for the placement
+rules, and ``_io`` for rebuilding an attached model from a senet checkpoint.
+"""
+
+from ._core import INITS, AttachReport, GatedExcitation, Place, attach, attached_blocks, gates
+from ._io import load_attached, load_base_model, load_weights, save_attached
+from ._rules import RESIDUAL_ENDS, RULES
+
+__all__ = ["INITS", "RESIDUAL_ENDS", "RULES", "AttachReport", "GatedExcitation", "Place", "attach",
+           "attached_blocks", "gates", "load_attached", "load_base_model", "load_weights", "save_attached"]
