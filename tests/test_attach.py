@@ -142,6 +142,15 @@ def test_se_vgg16_places_and_added_parameters():
     torch.testing.assert_close(logits(model, x), before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name,total", [("resnet50", 28_088_024), ("resnext50_32x4d", 27_559_896)])
+def test_se_resnet_parameter_counts_match_the_paper_models(name, total):
+    # REFERENCE.md: SE-ResNet-50 (r = 16, FC biases, hidden C // 16) has 28,088,024 parameters and
+    # SE-ResNeXt-50 32x4d 27,559,896; "residual" on torchvision's networks must land on exactly those.
+    model, report = attach(getattr(tv, name)(), "se_released", "residual", init="plain", input_size=SIZE)
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert len(report.places) == 16  # 3 + 4 + 6 + 3 bottlenecks
+
+
 @pytest.mark.parametrize("attn", list_attentions())
 def test_every_attention_identity_and_plain(attn):
     x = torch.randn(2, *SIZE)
