@@ -13,6 +13,7 @@ import sys
 # Tool modules providing subcommands, in the order `senet --help` lists them.
 _COMMANDS = [
     "senet.info",
+    "senet.papertable",
     "senet.train",
     "senet.evaluate",
     "senet.compare",
