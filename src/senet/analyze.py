@@ -191,11 +191,10 @@ def format_stats(stats: list[BlockStats], threshold: float) -> str:
 def load_for_data(args: argparse.Namespace):
     """The model (``args.checkpoint``), its data bundle and a loader over ``args.split`` (analyze, prune)."""
     from senet.data import create_datasets, create_loaders
-    from senet.evaluate import _checkpoint_data_config
-    from senet.export import load_model
+    from senet.export import load_model, stored_config
 
     loaded = load_model(args.checkpoint)
-    stored = _checkpoint_data_config(loaded.header)
+    stored = {k: v for k, v in stored_config(loaded.header).items() if v is not None}
     data = args.data or stored.get("data", "digits")
     root = args.root or (stored.get("root") if data == stored.get("data") else None)
     bundle = create_datasets(data, root, image_size=args.image_size or stored.get("image_size"))

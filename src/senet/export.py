@@ -55,7 +55,7 @@ def load_model(spec: str, **model_kwargs) -> LoadedModel:
         state, header = load_checkpoint(path)
         kwargs = {**header["model_kwargs"], **model_kwargs}
         model = rebuild(header["arch"], kwargs, state, header.get("extra") or {})
-        config = (header.get("extra") or {}).get("config") or {}
+        config = stored_config(header)
         c, h, w = model_info(header["arch"]).input_size
         size = config.get("image_size") or h
         return LoadedModel(model.eval(), header["arch"], kwargs, (kwargs.get("in_chans", c), size, size),
@@ -66,6 +66,13 @@ def load_model(spec: str, **model_kwargs) -> LoadedModel:
     model = create_model(spec, **model_kwargs).eval()
     c, h, w = model_info(spec).input_size
     return LoadedModel(model, spec, dict(model_kwargs), (model_kwargs.get("in_chans", c), h, w))
+
+
+def stored_config(header: dict) -> dict:
+    """The training config a checkpoint carries: ``extra["config"]`` or ``extra["train"]["config"]``
+    (where `senet train` puts it), else {}."""
+    extra = header.get("extra") or {}
+    return extra.get("config") or (extra.get("train") or {}).get("config") or {}
 
 
 # ----------------------------------------------------------------------------- ONNX graph rewrite
