@@ -257,9 +257,12 @@ def test_timm_base_and_pretrained_checkpoint(tmp_path):
 
 
 def test_old_checkpoints_still_load():
-    model = tv.resnet18(num_classes=10)
+    model = tv.resnet18(num_classes=10).train()
+    model.bn1.eval()  # a frozen BN stays frozen: the probe restores every module's mode
     old = copy.deepcopy(model.state_dict())
     attach(model, "se", "residual", input_size=SIZE)
+    assert model.training and not model.bn1.training and model.layer1[0].bn2.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in old.items())  # probe left BN stats alone
     result = model.load_state_dict(old, strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(".attached." in k for k in result.missing_keys)
@@ -287,6 +290,7 @@ def test_torch_fx_fails_but_attach_works():
     ({"where": "stage", "attn": "nope"}, r"unknown attention 'nope'"),
     ({"where": "stage", "init": "zeros"}, r"init must be one of"),
     ({"where": "everywhere"}, r"where must be one of"),
+    ({"where": "9"}, r"to attach after module '9' pass where=\['9'\]"),
 ])
 def test_errors_name_the_place_and_roll_back(kwargs, match):
     model = small_cnn()

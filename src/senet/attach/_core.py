@@ -116,7 +116,8 @@ def _example_input(model: nn.Module, input_size: Sequence[int]) -> torch.Tensor:
 def _find_places(model: nn.Module, calls, where, select) -> list[str]:
     if isinstance(where, str):
         if where not in RULES:
-            raise ValueError(f"where must be one of {list(RULES)} or a list of module names, got {where!r}")
+            hint = f"; to attach after module {where!r} pass where=[{where!r}]" if where in calls else ""
+            raise ValueError(f"where must be one of {list(RULES)} or a list of module names, got {where!r}{hint}")
         names = RULES[where](calls)
     elif isinstance(where, Sequence) and all(isinstance(n, str) for n in where):
         names = explicit_places(calls, list(where))
