@@ -193,7 +193,8 @@ def test_torchvision_mobilenet_checkpoint_gives_equal_logits(name, tmp_path):
     reference = _randomize_bn(tv.models.get_model(name, weights=None, num_classes=10))
     path = tmp_path / f"{name}.pth"
     torch.save(reference.state_dict(), path)
-    ours = senet.create_model(name, checkpoint=path, num_classes=10).eval()
+    ours = senet.create_model(checkpoint=path).eval()  # the network and num_classes detected from the keys
+    assert (ours.arch_name, ours.arch_kwargs) == (name, {"num_classes": 10})
     report = ours.load_report
     assert not report.skipped and not report.unexpected
     assert [k for k in report.new if not k.endswith("num_batches_tracked")] == []
@@ -223,7 +224,8 @@ def test_torchvision_vgg16_bn_checkpoint(tmp_path):
     assert sorted(report.loaded) == sorted(reference.state_dict())
     assert "no attention blocks" in str(report)
     del se
-    plain = senet.create_model("vgg16_bn", checkpoint=path, num_classes=10).eval()
+    plain = senet.create_model(checkpoint=path).eval()
+    assert plain.arch_name == "vgg16_bn"
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), reference(x), atol=1e-4, rtol=1e-4)
 

@@ -202,6 +202,9 @@ def guess_arch(state: Mapping[str, torch.Tensor], layout: str
     """
     from senet.models import list_models
 
+    if (tv := _torchvision_arch(state)) is not None:
+        senet, tv_name, kwargs = tv
+        return (senet if senet in list_models() else None), tv_name, kwargs
     bottleneck = "layer1.0.conv3.weight" in state
     depth = _DEPTHS.get((bottleneck, _stage_depths(state)))
     if depth is None:
@@ -216,6 +219,27 @@ def guess_arch(state: Mapping[str, torch.Tensor], layout: str
     if "fc.weight" in state:
         kwargs["num_classes"] = int(state["fc.weight"].shape[0])
     return (senet if senet in list_models() else None), timm, kwargs  # None: not registered
+
+
+# torchvision networks whose keys senet's VGG / MobileNets share (models/vgg.py, mobilenet.py):
+# (a key only that network has, its name, its classifier's last weight).
+_TORCHVISION = (
+    ("features.41.running_mean", "vgg16_bn", "classifier.6.weight"),  # BN after the 13th conv
+    ("features.28.weight", "vgg16", "classifier.6.weight"),  # the 13th conv
+    ("features.18.0.weight", "mobilenet_v2", "classifier.1.weight"),  # the last 1x1 conv
+    ("features.16.0.weight", "mobilenet_v3_large", "classifier.3.weight"),
+    ("features.12.0.weight", "mobilenet_v3_small", "classifier.3.weight"),
+)
+
+
+def _torchvision_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, str, dict[str, Any]] | None:
+    # With senet attention keys (``features.N.attn.*``): the se_/eca_ network of that family.
+    for key, name, head in _TORCHVISION:
+        if key in state:
+            attn = [k for k in state if ".attn." in k]
+            prefix = "" if not attn else "eca_" if any(k.endswith(".attn.conv.weight") for k in attn) else "se_"
+            return prefix + name, name, ({"num_classes": int(state[head].shape[0])} if head in state else {})
+    return None
 
 
 def _names(family: str, attn: bool, layout: str) -> tuple[str | None, str, dict[str, Any]]:
