@@ -379,7 +379,8 @@ def _end_epoch(run: Run, epoch: int, stats: dict, seconds: float) -> dict:
     val = validate(run)
     p.train_time_s += seconds
     rec = {"epoch": epoch + 1, "step": p.step, "lr": run.optimizer.param_groups[0]["lr"], **stats,
-           "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5, "epoch_time_s": seconds,
+           "val_loss": float(val.loss), "val_top1": float(val.top1), "val_top5": float(val.top5),
+           "epoch_time_s": seconds,
            "images_per_s": stats["images"] / max(seconds, 1e-9), "train_time_s": p.train_time_s,
            "stage": run.stage}
     p.history.append(rec)
@@ -569,12 +570,17 @@ def _build_model(cfg: TrainConfig, bundle, resumed: dict | None) -> nn.Module:
 
     if resumed is not None:  # the saved state holds the weights: no need for the pretrained file
         return hub.create_model(resumed["arch"], **resumed["model_kwargs"])
-    kwargs = {"num_classes": bundle.num_classes, "in_chans": bundle.in_chans, **cfg.model_kwargs}
-    if cfg.drop_rate:
-        kwargs["drop_rate"] = cfg.drop_rate
+    kwargs = _model_kwargs(cfg, bundle)
     if cfg.checkpoint:
         return hub.create_model(cfg.model, checkpoint=cfg.checkpoint, strict=True, warn=not cfg.quiet, **kwargs)
     return hub.create_model(cfg.model or "se_resnet20", **kwargs)
+
+
+def _model_kwargs(cfg: TrainConfig, bundle) -> dict:
+    kwargs = {"num_classes": bundle.num_classes, "in_chans": bundle.in_chans, **cfg.model_kwargs}
+    if cfg.drop_rate:
+        kwargs["drop_rate"] = cfg.drop_rate
+    return kwargs
 
 
 def _build_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
@@ -642,7 +648,7 @@ def setup(config: TrainConfig, model: nn.Module | None = None) -> Run:
     if model is None:
         model = _build_model(cfg, bundle, read_state(state_file, tensors=False)[1] if state_file else None)
     arch = getattr(model, "arch_name", cfg.model or type(model).__name__)
-    model_kwargs = getattr(model, "arch_kwargs", dict(cfg.model_kwargs))
+    model_kwargs = getattr(model, "arch_kwargs", _model_kwargs(cfg, bundle))
     cfg = dataclasses.replace(cfg, model=arch)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=mf)
