@@ -1,4 +1,5 @@
-"""`senet paper-table`: our ResNets/ResNeXts with and without SE against the SENet paper.
+"""`senet paper-table`: our ResNets/ResNeXts with and without SE against the SENet paper, and
+the other families (VGG, Inception, MobileNet, ShuffleNet; ``family_rows``, Tables 2-3).
 
 Regenerates docs/paper_table.md: parameters and GMACs of one 224x224 forward pass against SENet
 (Hu et al., arXiv 1709.01507) Table 2, whose "GFLOPs" are multiply-accumulates. MACs follow
