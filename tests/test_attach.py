@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from senet.attach import (
+from senet.layers import list_attentions
+from senet.surgery import (
     GatedExcitation,
     attach,
     attached_blocks,
@@ -20,7 +21,6 @@ from senet.attach import (
     load_weights,
     save_attached,
 )
-from senet.layers import list_attentions
 
 timm = pytest.importorskip("timm")
 
@@ -334,3 +334,13 @@ def test_load_base_model_errors(tmp_path):
     torch.save(tv.resnet18().state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_weights(small_cnn(), tmp_path / "r18.pth")
+
+
+def test_top_level_names():
+    import senet
+    import senet.surgery
+
+    assert senet.attach is senet.surgery.attach and callable(senet.attach)
+    model, report = senet.attach(nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU()), "se", where=["0"],
+                                 input_size=(3, 8, 8), reduction=4)
+    assert [p.name for p in report.places] == ["0"]

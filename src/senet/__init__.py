@@ -5,10 +5,14 @@ from importlib.metadata import PackageNotFoundError, version
 from .hub import create_model  # models.create_model plus checkpoint=... (timm/torchvision/senet)
 from .layers import create_attention, list_attentions
 from .models import list_models
+from .surgery import attach, load_attached, load_base_model, save_attached
 
 try:
     __version__ = version("senet")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "create_attention", "create_model", "list_attentions", "list_models"]
+__all__ = [
+    "__version__", "attach", "create_attention", "create_model", "list_attentions", "list_models", "load_attached",
+    "load_base_model", "save_attached",
+]

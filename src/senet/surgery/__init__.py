@@ -1,6 +1,8 @@
-"""``senet.attach``: put attention into a network a user already has (issue 7).
+"""Module surgery behind ``senet.attach``: put attention into a network a user already has.
 
-    model, report = attach(torchvision.models.resnet50(), "se", where="residual")
+    model, report = senet.attach(torchvision.models.resnet50(), "se", where="residual")
+
+The package is named ``surgery`` so that ``senet.attach`` can be the function itself.
 
 See ``_core`` for how blocks are inserted and identity-initialised, ``_rules`` for the placement
 rules, and ``_io`` for rebuilding an attached model from a senet checkpoint.

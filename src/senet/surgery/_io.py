@@ -102,7 +102,7 @@ def save_attached(path: str | Path, model: nn.Module, *, base: str | None = None
     """
     steps = getattr(model, "senet_attach", None)
     if not steps:
-        raise ValueError("the model has no attach record; insert attention with senet.attach.attach first")
+        raise ValueError("the model has no attach record; insert attention with senet.attach first")
     recorded = getattr(model, "senet_base", {})
     spec = base or recorded.get("spec")
     if spec is None:
