@@ -178,6 +178,23 @@ def test_stage0_trains_attention_and_head_only():
         O.parse_unfreeze("6,3")
 
 
+def test_vgg_like_stages_are_pool_blocks():
+    class TinyVGG(nn.Module):  # VGG's layout: features (conv-relu ... pool) x blocks, classifier
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                          nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.MaxPool2d(2))
+            self.classifier = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    m = TinyVGG()
+    stages = O.backbone_stages(m)
+    assert [len(list(s.parameters())) for s in stages] == [2, 4]  # block 1: one conv; block 2: two
+    assert O.classifier_of(m) is m.classifier
+    O.apply_freeze(m, 1)
+    assert [p.requires_grad for p in m.features.parameters()] == [False, False, True, True, True, True]
+    assert all(p.requires_grad for p in m.classifier.parameters())
+
+
 def test_finetune_from_checkpoint_backbone_lr(tmp_path):
     base = _digits_model("resnet20")
     path = save_checkpoint(tmp_path / "r20.safetensors", base, arch="resnet20",

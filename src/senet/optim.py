@@ -183,8 +183,12 @@ class ModelEma(nn.Module):
 
 
 def backbone_stages(model: nn.Module) -> list[nn.Module]:
-    """The backbone's stages, first to last: ``layer1..layerN`` (ResNets), else the top-level children
-    holding parameters outside the head, descending while there is only one (VGG's ``features``)."""
+    """The backbone's stages, first to last.
+
+    ``layer1..layerN`` (ResNets); else the children holding parameters outside the head,
+    descending while there is only one (VGG's ``features``). A flat sequence with pooling layers
+    is cut after each pool (VGG's five conv blocks).
+    """
     layers = [getattr(model, f"layer{i}") for i in range(1, 10) if hasattr(model, f"layer{i}")]
     if layers:
         return layers
@@ -193,8 +197,19 @@ def backbone_stages(model: nn.Module) -> list[nn.Module]:
     while True:
         kids = [m for m in parent.children() if any(id(p) not in new for p in m.parameters())]
         if len(kids) != 1 or not any(True for _ in kids[0].children()):
-            return kids
+            break
         parent = kids[0]
+    pools = (nn.MaxPool2d, nn.AvgPool2d)
+    if not any(isinstance(m, pools) for m in parent.children()):
+        return kids
+    blocks, current = [], []
+    for m in parent.children():
+        current.append(m)
+        if isinstance(m, pools):
+            blocks.append(nn.Sequential(*current))  # a view: the modules stay where they are
+            current = []
+    blocks += [nn.Sequential(*current)] if current else []
+    return [b for b in blocks if any(id(p) not in new for p in b.parameters())]
 
 
 def parse_unfreeze(spec: str | Sequence[int] | None) -> tuple[int, ...]:
