@@ -245,6 +245,25 @@ def test_recipe_options_run_and_write_files(tmp_path):
         fit(cfg, model=m)
 
 
+def test_image_folder_path_streamed_with_a_bad_file(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            for i in range(4):
+                px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(px).save(tmp_path / "tree" / split / c / f"{i}.png")
+    (tmp_path / "tree" / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.warns(UserWarning, match="broken.png"):  # reported once, at the end
+        r = fit(TrainConfig(model="resnet20", data=str(tmp_path / "tree"), image_size=8, batch_size=4, epochs=1,
+                            workers=1, quiet=True, out=str(tmp_path / "run")))
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["data"]["name"].startswith("imagefolder:") and res["data"]["train"] == 9
+    assert res["data"]["skipped"]["skipped_files"] == 1 and math.isfinite(r.final["val_loss"])
+
+
 def test_cli_user_errors(tmp_path, capsys):
     assert cli_main(["train", "--amp", "fp16", "--out", str(tmp_path / "a"), "--quiet"]) == 2
     assert "bf16" in capsys.readouterr().err

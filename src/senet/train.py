@@ -59,8 +59,9 @@ class TrainConfig:
     model: str | None = None  # registered name; None: "se_resnet20", or the `checkpoint`'s network
     checkpoint: str | None = None  # pretrained weights to fine-tune (senet, timm or torchvision file)
     model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"attn": "eca"}
-    data: str = "digits"  # digits | cifar10 | cifar100 | imagefolder:PATH
+    data: str = "digits"  # digits | cifar10 | cifar100 | imagefolder:PATH | PATH (an ImageFolder tree)
     root: str | None = None
+    download: bool = False  # fetch CIFAR into `root` (needs the internet)
     image_size: int | None = None  # None: the data set's default (digits/CIFAR 32)
     subset: int = 0  # train on the first N training images only (0 = all): smoke tests
     epochs: int = 10
@@ -633,7 +634,7 @@ def setup(config: TrainConfig, model: nn.Module | None = None) -> Run:
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size={cfg.batch_size} (global) must divide evenly over {d.world} processes")
     _seed_all(cfg.seed)  # the same initial weights on every rank
-    bundle = create_datasets(cfg.data, cfg.root, image_size=cfg.image_size)
+    bundle = create_datasets(_data_name(cfg.data), cfg.root, image_size=cfg.image_size, download=cfg.download)
     if cfg.subset:
         bundle = _subset(bundle, cfg.subset)
     loaders = create_loaders(bundle, cfg.batch_size // d.world, workers=cfg.workers, distributed=d.world > 1,
@@ -669,6 +670,16 @@ def setup(config: TrainConfig, model: nn.Module | None = None) -> Run:
         write_json(out / "config.json", provenance(cfg.to_dict(), device))
         run.logger = MetricsLogger(out, run.progress.history)
     return run
+
+
+def _data_name(data: str) -> str:
+    """A bare directory path means an ImageFolder tree."""
+    from senet.data import list_datasets
+
+    known = {n.split(":")[0] for n in list_datasets()} | {"cifar-10", "cifar-100"}
+    if data.lower() in known or data.lower().startswith("imagefolder:") or not Path(data).is_dir():
+        return data
+    return f"imagefolder:{data}"
 
 
 def _subset(bundle, n: int):
@@ -804,8 +815,9 @@ def add_parser(sub) -> None:
     a("--checkpoint", help="fine-tune from these weights (senet, timm or torchvision file)")
     a("--model-arg", dest="model_kwargs", action="append", metavar="KEY=VALUE",
       help="extra model builder argument, e.g. attn=eca or drop_rate=0.1 (repeatable)")
-    a("--data", help="digits (default) | cifar10 | cifar100 | imagefolder:PATH")
+    a("--data", help="digits (default) | cifar10 | cifar100 | PATH or imagefolder:PATH (train/ and val/ class folders)")
     a("--root", help="where cifar10/cifar100 live")
+    a("--download", action="store_true", help="download CIFAR into --root (needs the internet)")
     a("--image-size", type=int)
     a("--subset", type=int, help="use only the first N training images")
     a("--epochs", type=int)
