@@ -295,12 +295,13 @@ class CompareConfig:
     data: str = "digits"
     root: str | None = None
     image_size: int | None = 16  # digits are 8x8: 16 keeps all three CIFAR stages above 4x4
-    seeds: int = 3  # >= 3 for a usable t interval (t_{0.975, 2} = 4.30)
-    epochs: int = 8
+    seeds: int = 4  # >= 3 for a usable t interval (t_{0.975, 2} = 4.30, t_{0.975, 3} = 3.18)
+    epochs: int = 6
     batch_size: int = 64
     lr: float | None = None  # None: the training engine's default (SGD, cosine, 0.1 at batch 64)
     recipe: dict = field(default_factory=dict)  # any other TrainConfig field, e.g. {"label_smoothing": 0.1}
     device: str = "cpu"
+    threads: int = 1  # torch CPU threads for training; 1 is fastest on a small, shared machine (docs/compare.md)
     workers: int = 0
     subset: int = 0  # first N training images only (0 = all; quick checks)
     latency_reps: int = 50
@@ -315,7 +316,7 @@ class CompareConfig:
         reserved = {"model", "seed", "data", "root", "image_size", "epochs", "batch_size", "lr", "out", "device"}
         if reserved & set(self.recipe):
             raise ValueError(f"set {sorted(reserved & set(self.recipe))} with their own options, not --recipe")
-        for key in ("seeds", "epochs", "batch_size", "latency_reps", "latency_threads"):
+        for key in ("seeds", "epochs", "batch_size", "threads", "latency_reps", "latency_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
         from senet.models import model_info
@@ -375,10 +376,19 @@ def _hms(seconds: float) -> str:
 def run_compare(cfg: CompareConfig, report=print) -> dict:
     """Train every model over every seed (seed-major, so drifts of the machine hit all models alike),
     measure cost, and return the JSON payload (provenance included)."""
-    from senet.data import create_datasets
-
     cfg.check()
     start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, start, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: CompareConfig, start: float, report) -> dict:
+    from senet.data import create_datasets
+
     bundle = create_datasets(cfg.data, cfg.root, image_size=cfg.image_size)
     seeds = list(range(cfg.seeds))
     order = [(s, m) for s in seeds for m in cfg.models]
@@ -449,7 +459,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     cfg = CompareConfig(
         models=[m.strip() for m in args.models.split(",") if m.strip()], data=args.data, root=args.root,
         image_size=args.image_size, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, recipe=_parse_kwargs(args.recipe or []), device=args.device, workers=args.workers,
+        lr=args.lr, recipe=_parse_kwargs(args.recipe or []), device=args.device, threads=args.threads,
+        workers=args.workers,
         subset=args.subset, latency_reps=args.latency_reps, latency_threads=args.latency_threads,
         out=args.out or str(Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"),
     )
@@ -485,6 +496,7 @@ def add_parser(sub) -> None:
       help="any other `senet train` setting for every run, e.g. label_smoothing=0.1 (repeatable)")
     a("--subset", type=int, default=0, help="train on the first N training images only")
     a("--device", default=d.device, help="training device: cpu (default), cuda, auto ...")
+    a("--threads", type=int, default=d.threads, help=f"torch CPU threads for training (default {d.threads})")
     a("--workers", type=int, default=d.workers)
     a("--latency-reps", type=int, default=d.latency_reps, help="interleaved batch-1 timing rounds")
     a("--latency-threads", type=int, default=d.latency_threads, help="CPU threads for the latency test")
