@@ -240,3 +240,19 @@ def test_senet_compare_rejects_bad_models(tmp_path, capsys):
     assert "baseline and at least one" in capsys.readouterr().err
     assert main(["compare", "--models", "resnet20,nope_net", "--out", str(tmp_path)]) == 2
     assert "nope_net" in capsys.readouterr().err
+
+
+def test_senet_eval_on_a_trained_checkpoint_reuses_its_data_settings(tmp_path):
+    import json
+
+    from senet.cli import main
+    from senet.train import TrainConfig, fit
+
+    run = fit(TrainConfig(model="resnet20", image_size=8, subset=64, epochs=1, batch_size=32, device="cpu",
+                          quiet=True, out=str(tmp_path / "run")))
+    assert main(["eval", run.paths["last"]]) == 0  # no --data / --image-size: taken from the checkpoint
+    payload = json.loads((tmp_path / "run" / "eval-last.json").read_text())
+    assert payload["config"]["data"]["name"] == "digits" and payload["config"]["data"]["image_size"] == 8
+    # the same weights on the same val split: the training loop's last validation
+    assert payload["result"]["top1"] == pytest.approx(run.final["val_top1"])
+    assert payload["result"]["loss"] == pytest.approx(run.final["val_loss"], rel=1e-5)

@@ -241,8 +241,9 @@ _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _checkpoint_data_config(header: dict) -> dict:
-    """The data settings a training run stored in its checkpoint (``extra["config"]``), if any."""
-    config = (header.get("extra") or {}).get("config") or {}
+    """The data settings `senet train` stored in its checkpoint (``extra["train"]["config"]``), if any."""
+    extra = header.get("extra") or {}
+    config = (extra.get("train") or {}).get("config") or extra.get("config") or {}
     return {k: config[k] for k in ("data", "root", "image_size") if config.get(k) is not None}
 
 
