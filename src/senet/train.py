@@ -598,7 +598,8 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path | None]:
     """The config a run uses: a resumed run's own (``quiet``/``workers`` may change), and its out dir."""
     if not config.resume:
         out = Path(config.out) if config.out else None
-        if out is not None and ((out / STATE_FILE).exists() or (out / "config.json").exists()):
+        first = os.environ.get("RANK", "0") == "0"  # other ranks may start after rank 0 wrote config.json
+        if first and out is not None and ((out / STATE_FILE).exists() or (out / "config.json").exists()):
             raise ValueError(f"{str(out)!r} already holds a run; continue it with --resume {out} or pick "
                              "another --out")
         return config, out
