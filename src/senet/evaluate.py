@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import time
@@ -143,10 +144,17 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 
 def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU model (from /proc/cpuinfo on Linux) with its logical core count."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def provenance(config: dict, device: torch.device | str) -> dict:
