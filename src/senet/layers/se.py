@@ -68,14 +68,17 @@ class SqueezeExcite(nn.Module):
         self.fc2 = layer(self.hidden, channels, bias=bias)
         self.gate = create_gate(gate)
 
-    def excitation(self, x: torch.Tensor) -> torch.Tensor:
-        """The scale s, shaped (B, C, 1, 1)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's input W2 δ(W1 z), shaped (B, C, 1, 1) (``senet.layers.fused`` applies the gate)."""
         check_input(x, self.channels, type(self).__name__)
         z = global_pool(x, self.pool)  # (B, C, 1, 1)
         if self.fc_kind == "linear":
             z = z.flatten(1)  # (B, C)
-        s = self.gate(self.fc2(self.act(self.fc1(z))))
-        return s.view(x.shape[0], self.channels, 1, 1)
+        return self.fc2(self.act(self.fc1(z))).view(x.shape[0], self.channels, 1, 1)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """The scale s, shaped (B, C, 1, 1)."""
+        return self.gate(self.logits(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.excitation(x)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from senet.layers import create_attention, list_attentions
+from senet.layers.fused import can_fuse, scale_add_relu
 
 PLACEMENTS = ("standard", "pre", "post", "identity", "after_3x3")
 
@@ -81,3 +82,11 @@ class AttnUnit(nn.Module):
 
     def _at(self, where: str, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x) if self.attn_placement == where else x
+
+    def _merge(self, out: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """The unit's end: ``post(act(standard(out) + shortcut))``. SE at ``standard`` runs fused
+        (scale, addition and ReLU in one pass, less saved for backward: ``senet.layers.fused``)."""
+        if self.attn_placement == "standard" and can_fuse(self.attn, self.act):
+            return scale_add_relu(self.attn, out, shortcut)
+        out = self._at("standard", out)
+        return self._at("post", self.act(out + shortcut))

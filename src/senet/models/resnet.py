@@ -56,8 +56,7 @@ class BasicBlock(AttnUnit):
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
         out = self._at("after_3x3", self.act(self.bn1(self.conv1(x))))
-        out = self._at("standard", self.bn2(self.conv2(out)))
-        return self._at("post", self.act(out + shortcut))
+        return self._merge(self.bn2(self.conv2(out)), shortcut)  # post(act(standard(out) + shortcut))
 
 
 class Bottleneck(AttnUnit):
@@ -89,8 +88,7 @@ class Bottleneck(AttnUnit):
         x = self._at("pre", x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self._at("after_3x3", self.act(self.bn2(self.conv2(out))))
-        out = self._at("standard", self.bn3(self.conv3(out)))
-        return self._at("post", self.act(out + shortcut))
+        return self._merge(self.bn3(self.conv3(out)), shortcut)  # post(act(standard(out) + shortcut))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}

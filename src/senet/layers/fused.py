@@ -1,0 +1,93 @@
+"""The fast path of SE inside a residual unit (Hu et al., "Squeeze-and-Excitation Networks", arXiv 1709.01507).
+
+The standard SE-ResNet unit (paper Fig. 5b) ends with
+
+    y = relu(x * s + shortcut),   s = σ(W2 δ(W1 mean_{H,W} x))          (eqs. 2-4)
+
+Written as three ops (``x * s``, ``+ shortcut``, ``relu``) it makes three passes over the activation
+and autograd keeps ``x`` (the BN output, needed for ds = Σ_hw g·x) on top of what the plain ResNet
+keeps. Here the scale, the addition and the ReLU are one ``addcmul`` plus an in-place ``relu_``
+(the same passes as the plain unit's ``relu(out + shortcut)``), and with a sigmoid gate a custom
+autograd function keeps only ``y``, ``s`` and ``shortcut``: ``y`` is the next unit's input and an
+identity ``shortcut`` is this unit's input, both kept by the convolutions anyway. Where ``y > 0``,
+``x s = y - shortcut``, so the gradient of the gate's logits a (s = σ(a)) needs no ``x``:
+
+    dL/da_c = s_c (1 - s_c) Σ_hw g_pre x = (1 - s_c) Σ_hw g_pre (y - shortcut),  g_pre = g · [y > 0]
+
+(no division by s, so saturated gates stay exact up to rounding). Other gates keep ``x``.
+
+The fast path is the default. It steps aside, and the unit calls its ``attn`` module as usual, when
+anything observes the modules it would skip (forward hooks on ``attn``/``act``, as ``senet analyze``
+and ``senet prune`` install), and while ``reference_path()`` is active (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Within this context residual units call their attention module unfused (the reference)."""
+    global _ENABLED
+    before, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = before
+
+
+def observed(*modules: nn.Module) -> bool:
+    """True when forward hooks (global or on ``modules``) expect these modules to be called."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def can_fuse(attn: nn.Module, act: nn.Module) -> bool:
+    """Whether ``relu(attn(x) + shortcut)`` may run as ``scale_add_relu``: a scale-form block exposing
+    ``logits(x)`` and ``gate``, a ReLU after the addition, nobody watching, the fast path enabled."""
+    return (_ENABLED and callable(getattr(attn, "logits", None)) and isinstance(act, nn.ReLU)
+            and not observed(attn, act, attn.gate))
+
+
+class _SigmoidScaleAddReLU(torch.autograd.Function):
+    """y = relu(x * σ(a) + shortcut); saves y, s, shortcut (not x). Shapes: x, shortcut (B, C, H, W),
+    a (B, C, 1, 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(a)  # (B, C, 1, 1)
+        y = torch.addcmul(shortcut, x, s).relu_()  # (B, C, H, W), one pass + the in-place ReLU
+        ctx.save_for_backward(y, s, shortcut)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        y, s, shortcut = ctx.saved_tensors
+        g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
+        grad_x = g_pre * s
+        # Σ_hw g_pre (y - shortcut) = s Σ_hw g_pre x; times (1 - s) is dL/da (σ' = s (1 - s))
+        grad_a = (y - shortcut).mul_(g_pre).sum((2, 3), keepdim=True).mul_(1 - s)
+        return grad_x, grad_a, g_pre
+
+
+def _plain(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(shortcut, x, s).relu_()  # relu(x * s + shortcut)
+
+
+def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``relu(attn(x) + shortcut)`` for a scale-form block (``attn(x) == x * attn.gate(attn.logits(x))``)."""
+    a = attn.logits(x)  # (B, C, 1, 1), the gate's input
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or shortcut.requires_grad)
+    if grad and not tracing and isinstance(attn.gate, nn.Sigmoid):
+        return _SigmoidScaleAddReLU.apply(x, a, shortcut)
+    return _plain(x, attn.gate(a), shortcut)
