@@ -256,3 +256,16 @@ def test_senet_eval_on_a_trained_checkpoint_reuses_its_data_settings(tmp_path):
     # the same weights on the same val split: the training loop's last validation
     assert payload["result"]["top1"] == pytest.approx(run.final["val_top1"])
     assert payload["result"]["loss"] == pytest.approx(run.final["val_loss"], rel=1e-5)
+
+
+def test_evaluate_under_bf16_autocast_reports_float32_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(20, 3, 2, 2), torch.randint(0, 4, (20,))
+    loader = [(x[:10], y[:10]), (x[10:], y[10:])]
+    full = evaluate(model, loader, device="cpu", num_classes=4)
+    half = evaluate(model, loader, device="cpu", num_classes=4, amp_dtype=torch.bfloat16)
+    by_hand = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert full.loss == pytest.approx(by_hand, rel=1e-6)
+    assert half.loss == pytest.approx(by_hand, rel=2e-2)  # bf16 logits: ~3 significant digits
+    assert isinstance(half.loss, float) and half.confusion.sum() == 20

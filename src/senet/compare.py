@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,7 +224,7 @@ def markdown_report(payload: dict, plot_name: str) -> str:
         f"# senet compare: {', '.join(m['name'] for m in models)} on {payload['data']['name']}",
         "",
         f"Baseline `{models[0]['name']}`; {cfg['seeds']} seeds ({', '.join(map(str, payload['seeds']))}), "
-        f"{cfg['epochs']} epochs each, image size {payload['data']['image_size']}, "
+        f"{cfg['epochs']} epoch{'s' if cfg['epochs'] > 1 else ''} each, image size {payload['data']['image_size']}, "
         f"{payload['data']['train_size']} train / {payload['data']['val_size']} val images. "
         "Accuracy is the final epoch's validation top-1. The gain is paired by seed (same data order "
         "and augmentation per seed) with a Student-t 95% confidence interval on the per-seed differences; "
@@ -307,6 +308,7 @@ class CompareConfig:
     latency_reps: int = 50
     latency_threads: int = 1  # batch-1 CPU latency on one thread: the least noisy on a shared machine
     out: str | None = None
+    epoch_bars: bool = False  # show `senet train`'s per-epoch progress bar inside each run
 
     def check(self) -> None:
         if len(self.models) < 2:
@@ -331,7 +333,7 @@ def train_config(cfg: CompareConfig, model: str, seed: int):
 
     fields_ = {"model": model, "seed": seed, "data": cfg.data, "root": cfg.root, "image_size": cfg.image_size,
                "subset": cfg.subset, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "device": cfg.device,
-               "workers": cfg.workers, "quiet": True, "out": None, **cfg.recipe}
+               "workers": cfg.workers, "quiet": not cfg.epoch_bars, "out": None, **cfg.recipe}
     if cfg.lr is not None:
         fields_["lr"] = cfg.lr
     return TrainConfig.from_dict(fields_)
@@ -463,6 +465,7 @@ def _compare_command(args: argparse.Namespace) -> int:
         workers=args.workers,
         subset=args.subset, latency_reps=args.latency_reps, latency_threads=args.latency_threads,
         out=args.out or str(Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"),
+        epoch_bars=sys.stderr.isatty(),
     )
     cfg.check()
     out = Path(cfg.out)
