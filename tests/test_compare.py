@@ -231,6 +231,10 @@ def test_senet_compare_tiny_run(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| model |" in md and "se_resnet20" in md and "compare.png" in md and "git" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["seed"]) for r in lines] == [("resnet20", 0), ("se_resnet20", 0),
+                                                        ("resnet20", 1), ("se_resnet20", 1)]  # seed-major
+    assert main(["compare", "--out", str(out)]) == 2  # never mixes two comparisons in one directory
 
 
 def test_senet_compare_rejects_bad_models(tmp_path, capsys):

@@ -14,6 +14,7 @@ Outputs in one directory: ``compare.json`` (everything, with provenance), ``repo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -401,6 +402,8 @@ def _run(cfg: CompareConfig, start: float, report) -> dict:
         t0 = time.perf_counter()
         runs[model].append(train_one(cfg, model, seed))
         eta.end(model, runs[model][-1], time.perf_counter() - t0, [m for _, m in order[i + 1:]])
+        if cfg.out:  # finished runs survive an interrupted comparison
+            _append_jsonl(Path(cfg.out) / "runs.jsonl", {k: v for k, v in runs[model][-1].items() if k != "config"})
     report(f"measuring batch-1 CPU latency ({cfg.latency_reps} interleaved rounds, "
            f"{cfg.latency_threads} thread(s)) ...")
     shape = (bundle.in_chans, bundle.image_size, bundle.image_size)
@@ -420,6 +423,12 @@ def _run(cfg: CompareConfig, start: float, report) -> dict:
                                          for m, rs in runs.items()}}
     payload["total_seconds"] = time.perf_counter() - start
     return payload
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _device(cfg: CompareConfig) -> torch.device:
@@ -469,7 +478,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     )
     cfg.check()
     out = Path(cfg.out)
-    if (out / "compare.json").exists():
+    if (out / "compare.json").exists() or (out / "runs.jsonl").exists():
         raise ValueError(f"{str(out)!r} already holds a comparison; pick another --out")
     print(f"senet compare: {', '.join(cfg.models)} (baseline {cfg.models[0]}) on {cfg.data}, "
           f"{cfg.seeds} seeds x {cfg.epochs} epochs -> {out}")
