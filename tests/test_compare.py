@@ -208,7 +208,8 @@ def test_senet_compare_tiny_run(tmp_path, capsys):
 
     out = tmp_path / "cmp"
     rc = main(["compare", "--models", "resnet20,se_resnet20", "--seeds", "2", "--epochs", "1", "--subset", "64",
-               "--image-size", "8", "--batch-size", "32", "--latency-reps", "3", "--out", str(out)])
+               "--image-size", "8", "--batch-size", "32", "--latency-reps", "3", "--recipe", "label_smoothing=0.1",
+               "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "gain vs baseline" in printed and "se_resnet20" in printed and "ETA" in printed
@@ -216,6 +217,7 @@ def test_senet_compare_tiny_run(tmp_path, capsys):
     for key in ("config", "versions", "device", "git_revision", "created", "train_config", "data"):
         assert key in payload, key
     assert payload["config"]["seeds"] == 2 and payload["seeds"] == [0, 1]
+    assert payload["train_config"]["label_smoothing"] == 0.1 and payload["train_config"]["epochs"] == 1
     base, se = payload["models"]
     assert [base["name"], se["name"]] == ["resnet20", "se_resnet20"] and base["gain"] is None
     # the gain is the per-seed paired difference of the final val top-1
@@ -244,6 +246,8 @@ def test_senet_compare_rejects_bad_models(tmp_path, capsys):
     assert "baseline and at least one" in capsys.readouterr().err
     assert main(["compare", "--models", "resnet20,nope_net", "--out", str(tmp_path)]) == 2
     assert "nope_net" in capsys.readouterr().err
+    assert main(["compare", "--recipe", "epochs=3", "--out", str(tmp_path)]) == 2
+    assert "own options" in capsys.readouterr().err
 
 
 def test_senet_eval_on_a_trained_checkpoint_reuses_its_data_settings(tmp_path):

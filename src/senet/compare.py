@@ -393,36 +393,48 @@ def _run(cfg: CompareConfig, start: float, report) -> dict:
     from senet.data import create_datasets
 
     bundle = create_datasets(cfg.data, cfg.root, image_size=cfg.image_size)
-    seeds = list(range(cfg.seeds))
-    order = [(s, m) for s in seeds for m in cfg.models]
+    runs = _train_all(cfg, report)
+    rows = _rows(cfg, bundle, runs, report)
+    data = bundle.describe()
+    data["train_size"] = min(cfg.subset, data["train_size"]) if cfg.subset else data["train_size"]
+    base = cfg.models[0]
+    payload = {**provenance(asdict(cfg), _device(cfg)), "train_config": runs[base][0]["config"],
+               "data": data, "seeds": list(range(cfg.seeds)), "baseline": base,
+               "latency_threads": cfg.latency_threads, "models": rows,
+               "runs": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs] for m, rs in runs.items()}}
+    payload["total_seconds"] = time.perf_counter() - start
+    return payload
+
+
+def _train_all(cfg: CompareConfig, report) -> dict[str, list[dict]]:
+    """Every (seed, model) run, seed-major; ``{model: [run of seed 0, seed 1, ...]}``."""
+    order = [(s, m) for s in range(cfg.seeds) for m in cfg.models]
     eta = _Eta(len(order), report)
     runs: dict[str, list[dict]] = {m: [] for m in cfg.models}
     for i, (seed, model) in enumerate(order):
         eta.begin(model, seed)
         t0 = time.perf_counter()
-        runs[model].append(train_one(cfg, model, seed))
-        eta.end(model, runs[model][-1], time.perf_counter() - t0, [m for _, m in order[i + 1:]])
+        run = train_one(cfg, model, seed)
+        runs[model].append(run)
+        eta.end(model, run, time.perf_counter() - t0, [m for _, m in order[i + 1:]])
         if cfg.out:  # finished runs survive an interrupted comparison
-            _append_jsonl(Path(cfg.out) / "runs.jsonl", {k: v for k, v in runs[model][-1].items() if k != "config"})
+            _append_jsonl(Path(cfg.out) / "runs.jsonl", {k: v for k, v in run.items() if k != "config"})
+    return runs
+
+
+def _rows(cfg: CompareConfig, bundle, runs: dict[str, list[dict]], report) -> list[dict]:
+    """Per-model summary rows: accuracy and gain from ``runs``, params/MACs/latency from fresh networks."""
     report(f"measuring batch-1 CPU latency ({cfg.latency_reps} interleaved rounds, "
            f"{cfg.latency_threads} thread(s)) ...")
-    shape = (bundle.in_chans, bundle.image_size, bundle.image_size)
-    nets = {m: _build(m, bundle) for m in cfg.models}
+    shape = (bundle.in_chans, bundle.image_size, bundle.image_size)  # (C, H, W)
+    nets = {m: _build(m, bundle, cfg.recipe.get("model_kwargs") or {}) for m in cfg.models}
     latency = _latency(nets, shape, cfg)
     base = cfg.models[0]
     base_ms = float(np.median(latency[base])) * 1e3
-    rows = [summarize_model(m, runs[m], None if m == base else [r["top1"] for r in runs[base]],
+    return [summarize_model(m, runs[m], None if m == base else [r["top1"] for r in runs[base]],
                             params=count_params(nets[m]), macs=count_macs(nets[m], shape),
                             latency_s=latency[m], baseline_latency_ms=None if m == base else base_ms)
             for m in cfg.models]
-    data = bundle.describe()
-    data["train_size"] = min(cfg.subset, data["train_size"]) if cfg.subset else data["train_size"]
-    payload = {**provenance(asdict(cfg), _device(cfg)), "train_config": runs[base][0]["config"],
-               "data": data, "seeds": seeds, "baseline": base, "latency_threads": cfg.latency_threads,
-               "models": rows, "runs": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs]
-                                         for m, rs in runs.items()}}
-    payload["total_seconds"] = time.perf_counter() - start
-    return payload
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -437,10 +449,11 @@ def _device(cfg: CompareConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _build(name: str, bundle) -> nn.Module:
+def _build(name: str, bundle, model_kwargs: dict) -> nn.Module:
+    # the trained architecture; the weights do not change dense float32 latency, params or MACs
     from senet.models import create_model
 
-    return create_model(name, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
+    return create_model(name, **{"num_classes": bundle.num_classes, "in_chans": bundle.in_chans, **model_kwargs})
 
 
 def _latency(nets: dict[str, nn.Module], shape, cfg: CompareConfig) -> dict[str, list[float]]:
