@@ -59,35 +59,66 @@ def can_fuse(attn: nn.Module, act: nn.Module) -> bool:
 
 
 class _SigmoidScaleAddReLU(torch.autograd.Function):
-    """y = relu(x * σ(a) + shortcut); saves y, s, shortcut (not x). Shapes: x, shortcut (B, C, H, W),
-    a (B, C, 1, 1)."""
+    """y = relu(x * σ(a) + shortcut), saving y, s and either ``shortcut`` or, given ``x = A c + B``
+    (a BatchNorm's per-channel affine map of ``c``), ``c``, A and B - never x.
+
+    Shapes: x, shortcut, c (B, C, H, W); a (B, C, 1, 1); A, B (1, C, 1, 1).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x, a, shortcut, c=None, A=None, B=None):
         s = torch.sigmoid(a)  # (B, C, 1, 1)
-        y = torch.addcmul(shortcut, x, s).relu_()  # (B, C, H, W), one pass + the in-place ReLU
-        ctx.save_for_backward(y, s, shortcut)
+        y = torch.addcmul(shortcut, x, s).relu_()  # (B, C, H, W): one pass + the in-place ReLU
+        ctx.from_bn = c is not None
+        ctx.save_for_backward(y, s, *((c, A, B) if ctx.from_bn else (shortcut,)))
         return y
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        y, s, shortcut = ctx.saved_tensors
+    def backward(ctx, g):
+        y, s, *kept = ctx.saved_tensors
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
         grad_x = g_pre * s
-        # Σ_hw g_pre (y - shortcut) = s Σ_hw g_pre x; times (1 - s) is dL/da (σ' = s (1 - s))
-        grad_a = (y - shortcut).mul_(g_pre).sum((2, 3), keepdim=True).mul_(1 - s)
-        return grad_x, grad_a, g_pre
+        if ctx.from_bn:  # Σ_hw g_pre x = A Σ_hw g_pre c + B Σ_hw g_pre; times σ' = s (1 - s)
+            c, A, B = kept
+            gx = (g_pre * c).sum((2, 3), keepdim=True).mul_(A).add_(g_pre.sum((2, 3), keepdim=True) * B)
+            grad_a = gx.mul_(s * (1 - s))
+        else:  # Σ_hw g_pre (y - shortcut) = s Σ_hw g_pre x; times (1 - s) is dL/da
+            grad_a = (y - kept[0]).mul_(g_pre).sum((2, 3), keepdim=True).mul_(1 - s)
+        return grad_x, grad_a, g_pre, None, None, None
+
+
+@torch.no_grad()
+def bn_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), each (1, C, 1, 1), with ``bn(c) == A * c + B`` for this very call: batch statistics
+    (biased variance) in training or without running statistics, else the running ones."""
+    if bn.training or bn.running_mean is None:
+        var, mean = torch.var_mean(c, (0, 2, 3), correction=0)  # (C,)
+    else:
+        var, mean = bn.running_var, bn.running_mean
+    A = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        A = A * bn.weight
+    B = -mean * A if bn.bias is None else bn.bias - mean * A
+    return A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
 
 
 def _plain(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shortcut, x, s).relu_()  # relu(x * s + shortcut)
 
 
-def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """``relu(attn(x) + shortcut)`` for a scale-form block (``attn(x) == x * attn.gate(attn.logits(x))``)."""
+def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
+                   source: tuple[nn.BatchNorm2d, torch.Tensor] | None = None) -> torch.Tensor:
+    """``relu(attn(x) + shortcut)`` for a scale-form block (``attn(x) == x * attn.gate(attn.logits(x))``).
+
+    ``source=(bn, c)`` says ``x == bn(c)``: backward then keeps ``c`` (which ``bn`` keeps anyway)
+    instead of ``shortcut`` - for units whose shortcut is computed (a downsample), not their input.
+    """
     a = attn.logits(x)  # (B, C, 1, 1), the gate's input
     tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
     grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or shortcut.requires_grad)
-    if grad and not tracing and isinstance(attn.gate, nn.Sigmoid):
+    if not grad or tracing or not isinstance(attn.gate, nn.Sigmoid):
+        return _plain(x, attn.gate(a), shortcut)
+    if source is None or not isinstance(source[0], nn.BatchNorm2d) or observed(source[0]):
         return _SigmoidScaleAddReLU.apply(x, a, shortcut)
-    return _plain(x, attn.gate(a), shortcut)
+    bn, c = source
+    return _SigmoidScaleAddReLU.apply(x, a, shortcut, c, *bn_affine(bn, c))

@@ -83,10 +83,14 @@ class AttnUnit(nn.Module):
     def _at(self, where: str, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x) if self.attn_placement == where else x
 
-    def _merge(self, out: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """The unit's end: ``post(act(standard(out) + shortcut))``. SE at ``standard`` runs fused
-        (scale, addition and ReLU in one pass, less saved for backward: ``senet.layers.fused``)."""
+    def _merge(self, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor) -> torch.Tensor:
+        """The unit's end, ``post(act(standard(bn(c)) + shortcut))``. SE at ``standard`` runs fused:
+        scale, addition and ReLU in one pass, and nothing the plain unit does not keep is kept for
+        backward but ``s`` and, after a downsample, ``c`` (see ``senet.layers.fused``)."""
+        out = bn(c)
         if self.attn_placement == "standard" and can_fuse(self.attn, self.act):
-            return scale_add_relu(self.attn, out, shortcut)
+            # an identity shortcut is this unit's input, kept by conv1 anyway; a computed one is not
+            keep_c = not isinstance(getattr(self, "downsample", None), (nn.Identity, type(None)))
+            return scale_add_relu(self.attn, out, shortcut, source=(bn, c) if keep_c else None)
         out = self._at("standard", out)
         return self._at("post", self.act(out + shortcut))

@@ -56,7 +56,7 @@ class BasicBlock(AttnUnit):
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
         out = self._at("after_3x3", self.act(self.bn1(self.conv1(x))))
-        return self._merge(self.bn2(self.conv2(out)), shortcut)  # post(act(standard(out) + shortcut))
+        return self._merge(self.conv2(out), self.bn2, shortcut)  # post(act(standard(bn2(.)) + shortcut))
 
 
 class Bottleneck(AttnUnit):
@@ -88,7 +88,7 @@ class Bottleneck(AttnUnit):
         x = self._at("pre", x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self._at("after_3x3", self.act(self.bn2(self.conv2(out))))
-        return self._merge(self.bn3(self.conv3(out)), shortcut)  # post(act(standard(out) + shortcut))
+        return self._merge(self.conv3(out), self.bn3, shortcut)  # post(act(standard(bn3(.)) + shortcut))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
