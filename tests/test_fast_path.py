@@ -1,0 +1,194 @@
+"""The fused SE unit end (senet.layers.fused) against the unfused reference path and against numbers.
+
+Reference: the same network under ``reference_path()`` (``act(attn(bn(c)) + shortcut)`` op by op,
+autograd's own gradients), and finite differences (gradcheck) for the custom autograd function.
+"""
+
+import contextlib
+import copy
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from senet.bench import activation_bytes
+from senet.layers import create_attention
+from senet.layers.fused import _SigmoidScaleAddReLU, bn_affine, reference_path, scale_add_relu
+from senet.models.resnet import BasicBlock, Bottleneck, ResNet
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def _net(block: str, dtype: torch.dtype, channels_last: bool, attn: str = "se_released") -> nn.Module:
+    model = ResNet(block, [1, 1, 1, 1], attn=attn, num_classes=5).to(dtype)
+    for m in model.modules():  # non-trivial BN so eval mode is not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _step(model, x: torch.Tensor, params: nn.Module | None = None):
+    """Output, input gradient and parameter gradients of a fixed linear loss (``params``: the module
+    holding the parameters when ``model`` is a compiled wrapper)."""
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in (params or model).named_parameters()}
+
+
+def _assert_same(fast, ref, dtype):
+    (o1, gx1, gp1), (o2, gx2, gp2) = fast, ref
+    torch.testing.assert_close(o1, o2, **TOL[dtype])
+    # gradients relative to their own scale: float32 sums over H x W round differently
+    scale = gx2.abs().max()
+    torch.testing.assert_close(gx1 / scale, gx2 / scale, **TOL[dtype])
+    assert gp1.keys() == gp2.keys()
+    for name in gp2:
+        s = gp2[name].abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(gp1[name] / s, gp2[name] / s, **TOL[dtype], msg=name)
+
+
+def _errors(got, truth) -> dict[str, float]:
+    """max |got - truth| / max |truth| for the output, the input gradient and each parameter gradient."""
+    def err(a, t):
+        return ((a.double() - t).abs().max() / t.abs().max().clamp_min(1e-30)).item()
+    (o, gx, gp), (to, tgx, tgp) = got, truth
+    return {"output": err(o, to), "input": err(gx, tgx), **{n: err(gp[n], tgp[n]) for n in tgp}}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_same_outputs_and_gradients_as_reference(channels_last, train):
+    # float64: the fast path equals the reference to rounding. float32: both are compared with the
+    # float64 reference, and the fast path may not be less accurate than the float32 reference
+    # (train-mode BN over few values amplifies rounding in both to ~1e-4 of the gradients' scale).
+    net64 = _net("bottleneck", torch.float64, channels_last).train(train)
+    nets = {"fast64": net64, "ref64": copy.deepcopy(net64), "fast32": copy.deepcopy(net64).float(),
+            "ref32": copy.deepcopy(net64).float()}
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for name, net in nets.items():
+        with contextlib.nullcontext() if name.startswith("fast") else reference_path():
+            runs[name] = _step(net, x.to(next(net.parameters()).dtype))
+    _assert_same(runs["fast64"], runs["ref64"], torch.float64)
+    fast32, ref32 = _errors(runs["fast32"], runs["ref64"]), _errors(runs["ref32"], runs["ref64"])
+    worse = {k: (fast32[k], ref32[k]) for k in ref32 if fast32[k] > 2 * ref32[k] + 1e-6}
+    assert not worse, f"fast float32 less accurate than reference float32: {worse}"
+    for m1, m2 in zip(nets["fast64"].modules(), nets["ref64"].modules(), strict=True):  # same BN updates
+        if isinstance(m1, nn.BatchNorm2d):
+            torch.testing.assert_close(m1.running_var, m2.running_var)
+
+
+@pytest.mark.parametrize("attn", ["se", "se_mobilenetv3"])  # FCs without bias; 1x1 convs + hard-sigmoid
+def test_basic_block_and_other_gates_match(attn):
+    fast = _net("basic", torch.float64, False, attn)
+    ref = copy.deepcopy(fast)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    got = _step(fast, x)
+    with reference_path():
+        want = _step(ref, x)
+    _assert_same(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("from_bn", [False, True], ids=["keep_shortcut", "keep_bn_input"])
+def test_custom_function_gradcheck(from_bn):
+    # finite differences, not autograd, are the reference here
+    g = torch.Generator().manual_seed(0)
+    x, sc = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    a = torch.randn(2, 3, 1, 1, dtype=torch.float64, generator=g) * 3  # some saturated gates
+    if not from_bn:
+        torch.autograd.gradcheck(_SigmoidScaleAddReLU.apply, (x.requires_grad_(), a.requires_grad_(),
+                                                              sc.requires_grad_()))
+        return
+    c = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) * 2 + 1
+    A = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64).view(1, 3, 1, 1)
+    B = torch.tensor([0.1, -0.3, 0.7], dtype=torch.float64).view(1, 3, 1, 1)
+
+    def f(c, a, sc):  # x = A c + B: the function only sees its value, autograd carries dL/dx to c
+        return _SigmoidScaleAddReLU.apply(A * c + B, a, sc, c.detach(), A, B)
+    torch.autograd.gradcheck(f, (c.requires_grad_(), a.requires_grad_(), sc.requires_grad_()))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_bn_affine_reproduces_batchnorm(train):
+    bn = nn.BatchNorm2d(4).double().train(train)
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.uniform_(-1, 1)
+    c = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 3 + 2
+    A, B = bn_affine(bn, c)
+    torch.testing.assert_close(A * c + B, bn(c))
+
+
+def test_saved_activations_drop_the_bn_output():
+    # The reference keeps every SE unit's x = bn(c) (ds = Σ g x needs it); the fast path keeps none of
+    # it: over the plain ResNet it saves only vectors, counted here by hand.
+    torch.manual_seed(0)
+    b, x = 2, torch.randn(2, 3, 64, 64)
+    se, plain = ResNet("bottleneck", [2, 1, 1, 1], attn="se_released"), ResNet("bottleneck", [2, 1, 1, 1])
+    fast = activation_bytes(se, x)
+    with reference_path():
+        ref = activation_bytes(se, x)
+    base = activation_bytes(plain, x)
+    # SE units (C, H = W, downsample?): layer1 two units at 256 x 16 x 16 (the second without downsample),
+    # then 512 x 8, 1024 x 4, 2048 x 2; hidden width h = C // 16
+    units = [(256, 16, True), (256, 16, False), (512, 8, True), (1024, 4, True), (2048, 2, True)]
+    x_bytes = sum(4 * b * c * hw * hw for c, hw, _ in units)  # every unit's bn output, float32
+    # fc1's input z (B, C), the ReLU's output (B, h), s (B, C); after a downsample A and B (C each)
+    vectors = sum(4 * (b * (2 * c + c // 16) + (2 * c if down else 0)) for c, _, down in units)
+    ab_bytes = sum(4 * 2 * c for c, _, down in units if down)
+    assert fast - base == vectors
+    assert ref - fast == x_bytes - ab_bytes
+
+
+def test_hooks_see_the_unfused_call():
+    # senet analyze/prune hook `attn`: the unit must then call it, and the output stays the same
+    model = _net("bottleneck", torch.float64, False).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = []
+    with torch.no_grad():
+        want = model(x)
+        handle = model.layer1[0].attn.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+        got = model(x)
+        handle.remove()
+    assert seen == [(2, 256, 8, 8)]
+    torch.testing.assert_close(got, want)
+
+
+def test_no_grad_path_is_plain_ops():
+    se = create_attention("se_released", 32)
+    x, sc = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(scale_add_relu(se, x, sc), torch.relu(se(x) + sc))
+
+
+def _unit(block: str) -> nn.Module:
+    cout = 32 if block == "bottleneck" else 8
+    down = nn.Sequential(nn.Conv2d(16, cout, 1, bias=False), nn.BatchNorm2d(cout))
+    cls = Bottleneck if block == "bottleneck" else BasicBlock
+    return cls(16, 8, downsample=down, make_attn=partial(create_attention, "se_released"))
+
+
+COMPILED = [  # (backend, dtype, channels_last, train): aot_eager is cheap, inductor's C++ build is not
+    ("aot_eager", torch.float64, False, True), ("aot_eager", torch.float64, True, False),
+    ("aot_eager", torch.float32, True, True), ("inductor", torch.float32, False, True),
+]
+
+
+@pytest.mark.parametrize("backend,dtype,channels_last,train", COMPILED,
+                         ids=["aot-f64-nchw-train", "aot-f64-nhwc-eval", "aot-f32-nhwc-train", "inductor-f32"])
+def test_torch_compile_matches_eager_reference(backend, dtype, channels_last, train):
+    # fullgraph: the custom autograd function must trace without graph breaks
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unit = _unit("bottleneck").to(dtype=dtype, memory_format=fmt).train(train)
+    ref = copy.deepcopy(unit)
+    x = torch.randn(2, 16, 6, 6, dtype=dtype).contiguous(memory_format=fmt)
+    got = _step(torch.compile(unit, backend=backend, fullgraph=True), x, params=unit)
+    with reference_path():
+        want = _step(ref, x)
+    _assert_same(got, want, dtype)
