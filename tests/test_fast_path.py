@@ -14,7 +14,7 @@ from torch import nn
 
 from senet.bench import activation_bytes
 from senet.layers import create_attention
-from senet.layers.fused import _SigmoidScaleAddReLU, bn_affine, reference_path, scale_add_relu
+from senet.layers.fused import _SigmoidScaleAddReLU, bn_affine, channel_dot, reference_path, scale_add_relu
 from senet.models.resnet import BasicBlock, Bottleneck, ResNet
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -192,3 +192,54 @@ def test_torch_compile_matches_eager_reference(backend, dtype, channels_last, tr
     with reference_path():
         want = _step(ref, x)
     _assert_same(got, want, dtype)
+
+
+# --- the SE block alone: x * s(mean x) with the squeeze's gradient folded into the scale's -----------
+
+
+@pytest.mark.parametrize("attn", ["se", "se_released", "se_mobilenetv3"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_block_backward_matches_reference(attn, channels_last):
+    block = create_attention(attn, 32).double()
+    x = torch.randn(3, 32, 5, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        y = block(xg)
+        return y.grad_fn, [y, *torch.autograd.grad(y, [xg, *block.parameters()], g)]
+    fn, got = run()
+    with reference_path():
+        ref_fn, want = run()
+    assert type(fn).__name__ == "_ScaleByExcitationBackward" and type(ref_fn).__name__ == "MulBackward0"
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_block_gradcheck_and_no_double_backward():
+    block = create_attention("se_released", 32).double()
+    x = torch.randn(2, 32, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(block, (x,))  # finite differences through x and every FC parameter
+    (gx,) = torch.autograd.grad(block(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # once_differentiable: a wrong second derivative is never returned
+        gx.sum().backward()
+
+
+def test_channel_dot_by_hand():
+    g, x = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    want = torch.tensor([[sum(g[b, c].flatten()[i] * x[b, c].flatten()[i] for i in range(20)) for c in range(3)]
+                         for b in range(2)]).view(2, 3, 1, 1)
+    torch.testing.assert_close(channel_dot(g, x), want)
+    cl = torch.channels_last
+    torch.testing.assert_close(channel_dot(g.contiguous(memory_format=cl), x.contiguous(memory_format=cl)), want)
+
+
+def test_block_under_torch_compile_matches_eager():
+    # compiled, the block traces its plain expression (fullgraph: no break on the custom function)
+    block = create_attention("se_released", 32)
+    x = torch.randn(2, 32, 5, 5)
+    got = _step(torch.compile(block, backend="aot_eager", fullgraph=True), x, params=block)
+    want = _step(copy.deepcopy(block), x)
+    _assert_same(got, want, torch.float32)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 _ENABLED = True
@@ -74,6 +75,7 @@ class _SigmoidScaleAddReLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
         y, s, *kept = ctx.saved_tensors
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
@@ -102,6 +104,66 @@ def bn_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.
     return A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
 
 
+def channel_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_hw g x for every (b, c), as (B, C, 1, 1). The product goes through one sample-sized buffer
+    (cache-resident, allocated once) instead of a fresh full-size temporary."""
+    out = torch.empty(g.shape[0], g.shape[1], 1, 1, dtype=g.dtype, device=g.device)
+    buf = torch.empty_like(g[0])  # (C, H, W), g's memory format
+    for b in range(g.shape[0]):
+        torch.sum(torch.mul(g[b], x[b], out=buf), (1, 2), keepdim=True, out=out[b])
+    return out
+
+
+class _ScaleByExcitation(torch.autograd.Function):
+    """x * excite(mean_hw x), saving x, the pooled z and s; backward recomputes the (tiny) excitation.
+
+    dL/dx = g s + (dL/dz) / HW in one pass (the squeeze's gradient folded into the scale's).
+    Shapes: x, g (B, C, H, W); z, s (B, C, 1, 1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, excite, *params):
+        z = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1), eq. 2
+        s = excite(z)  # eq. 3 (no graph: forward runs without grad)
+        ctx.excite = excite
+        ctx.save_for_backward(x, z, s, *params)
+        return x * s  # eq. 4
+
+    @staticmethod
+    @once_differentiable  # the backward keeps no graph: double backward raises, never lies
+    def backward(ctx, g):
+        x, z, s, *params = ctx.saved_tensors
+        ds = channel_dot(g, x)  # dL/ds = Σ_hw g x, (B, C, 1, 1)
+        with torch.enable_grad():
+            z_ = z.detach().requires_grad_()
+            s_ = ctx.excite(z_)
+            wanted = [z_, *(p for p in params if p.requires_grad)]
+            got = iter(torch.autograd.grad(s_, wanted, ds, allow_unused=True))
+        dz = next(got)
+        grad_x = torch.addcmul(dz / (x.shape[2] * x.shape[3]), g, s)  # g s + dz / HW, (B, C, H, W)
+        return (grad_x, None, *(next(got) if p.requires_grad else None for p in params))
+
+
+def can_recompute(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``block(x)`` may run as ``scale_by_excitation``: grad needed, eager mode, fast path
+    enabled, nobody hooked on the block's sub-modules (their forward runs again in backward)."""
+    if not (_ENABLED and torch.is_grad_enabled()) or _tracing() or torch.compiler.is_compiling():
+        return False
+    if observed(block, *block.modules()):
+        return False
+    return x.requires_grad or any(p.requires_grad for p in block.parameters())
+
+
+def scale_by_excitation(x: torch.Tensor, excite, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``x * excite(mean_hw x)`` (SE, eqs. 2-4) with the backward of ``_ScaleByExcitation``;
+    ``params``: every parameter ``excite`` uses."""
+    return _ScaleByExcitation.apply(x, excite, *params)
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def _plain(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shortcut, x, s).relu_()  # relu(x * s + shortcut)
 
@@ -114,9 +176,8 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     instead of ``shortcut`` - for units whose shortcut is computed (a downsample), not their input.
     """
     a = attn.logits(x)  # (B, C, 1, 1), the gate's input
-    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
     grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or shortcut.requires_grad)
-    if not grad or tracing or not isinstance(attn.gate, nn.Sigmoid):
+    if not grad or _tracing() or not isinstance(attn.gate, nn.Sigmoid):
         return _plain(x, attn.gate(a), shortcut)
     if source is None or not isinstance(source[0], nn.BatchNorm2d) or observed(source[0]):
         return _SigmoidScaleAddReLU.apply(x, a, shortcut)

@@ -22,6 +22,7 @@ from ._common import (
     global_pool,
     hidden_width,
 )
+from .fused import can_recompute, scale_by_excitation
 
 
 class SqueezeExcite(nn.Module):
@@ -68,19 +69,30 @@ class SqueezeExcite(nn.Module):
         self.fc2 = layer(self.hidden, channels, bias=bias)
         self.gate = create_gate(gate)
 
+    def _fcs(self, z: torch.Tensor) -> torch.Tensor:
+        """W2 δ(W1 z) for the pooled z (B, C, 1, 1); same shape out."""
+        b = z.shape[0]
+        if self.fc_kind == "linear":
+            z = z.flatten(1)  # (B, C)
+        return self.fc2(self.act(self.fc1(z))).view(b, self.channels, 1, 1)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's input W2 δ(W1 z), shaped (B, C, 1, 1) (``senet.layers.fused`` applies the gate)."""
         check_input(x, self.channels, type(self).__name__)
-        z = global_pool(x, self.pool)  # (B, C, 1, 1)
-        if self.fc_kind == "linear":
-            z = z.flatten(1)  # (B, C)
-        return self.fc2(self.act(self.fc1(z))).view(x.shape[0], self.channels, 1, 1)
+        return self._fcs(global_pool(x, self.pool))
+
+    def excite(self, z: torch.Tensor) -> torch.Tensor:
+        """s = σ(W2 δ(W1 z)) from the pooled z, (B, C, 1, 1) -> (B, C, 1, 1)."""
+        return self.gate(self._fcs(z))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The scale s, shaped (B, C, 1, 1)."""
         return self.gate(self.logits(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "avg" and can_recompute(self, x):  # training: one pass less backward
+            check_input(x, self.channels, type(self).__name__)
+            return scale_by_excitation(x, self.excite, tuple(self.parameters()))
         return x * self.excitation(x)
 
     def extra_repr(self) -> str:

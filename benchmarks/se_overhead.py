@@ -1,0 +1,270 @@
+"""What SE costs on this machine (issue 8), against the memory floor, ResNet-50, timm and the paper.
+
+SENet (Hu et al., arXiv 1709.01507) adds ~0.1% of ResNet-50's MACs, but its squeeze and scale are
+memory-bound passes over whole activations. One sub-benchmark per target; every one measures its
+subjects interleaved in one process (warmup, then rounds alternating AB, BA, ...) with the
+functions of ``senet.bench``, reports medians and ratios with 95% paired-bootstrap intervals, and
+writes ``benchmarks/results/se_overhead_<target>.json`` with provenance (config, versions, device,
+threads, git revision) and the load average before and after.
+
+    block   1. the SE block alone at ResNet-50's SE activation sizes vs the memory-traffic floor
+    resnet  2. se_resnet50 vs resnet50 (and the unfused reference path), 224x224
+    timm    3. ours vs timm seresnet50, same weights: eager, channels_last, torch.compile
+    memory  4. saved activations of a training step: SE over the baseline
+    onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
+
+    python benchmarks/se_overhead.py block --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from senet.bench import BenchConfig, Subject, _timed, activation_bytes, make_step, measure, paired_ratio_ci
+from senet.evaluate import provenance, write_json
+from senet.layers import create_attention
+from senet.layers.fused import reference_path
+from senet.models import create_model
+
+CPU = torch.device("cpu")
+RESULTS = Path(__file__).parent / "results"
+# ResNet-50's SE inputs (C, H = W) per stage at 224x224: conv2_x .. conv5_x (ResNet paper Table 1)
+SE_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def interleave(steps: dict[str, Callable[[], object]], *, rounds: int, iters: int, warmup: int) -> dict[str, list]:
+    """Per-round mean seconds of every step; the order alternates AB.., ..BA each round."""
+    names = list(steps)
+    for n in names:
+        _timed(steps[n], CPU, warmup)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            out[n].append(float(np.mean(_timed(steps[n], CPU, iters))))
+    return out
+
+
+def ratio(num: list[float], den: list[float]) -> dict[str, float]:
+    """sum(num) / sum(den) over paired rounds with its 95% bootstrap interval."""
+    return paired_ratio_ci(num, den)
+
+
+def median_ms(rounds: list[float]) -> float:
+    return 1e3 * float(np.median(rounds))
+
+
+def fmt(r: dict) -> str:
+    return f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
+def save(target: str, config: dict, results: dict, load_before: tuple) -> Path:
+    payload = {**provenance(config, "cpu"), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+               "cpus": os.cpu_count(), "results": results}
+    return write_json(RESULTS / f"se_overhead_{target}{config['tag']}.json", payload)
+
+
+# ----------------------------------------------------------------------------- 1. block vs floor
+
+
+def bandwidth(numel: int, args) -> dict[str, float]:
+    """Copy (clone: one read + one write) and reduction (mean over H, W: one read) bandwidth, GB/s."""
+    x = torch.randn(numel // 4096, 64, 8, 8)  # (N, 64, 8, 8): far larger than the caches
+    t = interleave({"clone": x.clone, "mean": lambda: x.mean((2, 3))}, rounds=args.rounds, iters=args.iters,
+                   warmup=args.warmup)
+    nbytes = x.numel() * x.element_size()
+    return {"bytes": nbytes, "copy_GBps": 2 * nbytes / np.median(t["clone"]) / 1e9,
+            "reduce_GBps": nbytes / np.median(t["mean"]) / 1e9}
+
+
+def block_steps(se: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The floor's two passes and the block's forward and forward + backward (dL/dx and dL/dW)."""
+    xg, g, params = x.clone().requires_grad_(), torch.randn_like(x), list(se.parameters())
+
+    def fwd():
+        with torch.no_grad():
+            return se(x)
+
+    def fwd_bwd():
+        return torch.autograd.grad(se(xg), [xg, *params], g)
+    return {"mean": lambda: x.mean((2, 3)), "clone": x.clone, "fwd": fwd, "fwd_bwd": fwd_bwd}
+
+
+def bench_block(args) -> dict:
+    """SE block (released form: FCs with bias, r = 16) alone, forward and forward + backward.
+
+    Floor: forward = one read (squeeze) + one read and one write (scale) = t(mean) + t(clone) of the
+    same tensor; backward adds one read of the gradient, one of x and one write of dL/dx (the sum
+    ds = Σ g x and the squeeze's gradient fold into that pass) = again t(mean) + t(clone).
+    """
+    results = {"dram": bandwidth(2**26, args), "shapes": {}}
+    for c, hw in SE_SHAPES:
+        x = torch.randn(args.batch, c, hw, hw)
+        t = interleave(block_steps(create_attention("se_released", c), x), rounds=args.rounds, iters=args.iters,
+                       warmup=args.warmup)
+        floor = [m + cl for m, cl in zip(t["mean"], t["clone"], strict=True)]
+        nbytes = x.numel() * 4
+        results["shapes"][f"{c}x{hw}x{hw}"] = {
+            "shape": list(x.shape), "bytes": nbytes, **{f"{k}_ms": median_ms(v) for k, v in t.items()},
+            "read_GBps": nbytes / np.median(t["mean"]) / 1e9, "copy_GBps": 2 * nbytes / np.median(t["clone"]) / 1e9,
+            "fwd_vs_floor": ratio(t["fwd"], floor), "fwd_bwd_vs_floor": ratio(t["fwd_bwd"], [2 * f for f in floor]),
+        }
+        r = results["shapes"][f"{c}x{hw}x{hw}"]
+        print(f"{tuple(x.shape)}: mean {r['mean_ms']:.2f} clone {r['clone_ms']:.2f} fwd {r['fwd_ms']:.2f} "
+              f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms; fwd/floor {fmt(r['fwd_vs_floor'])}, "
+              f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}")
+    return results
+
+
+# ----------------------------------------------------------------------------- 2./3. networks
+
+
+class Unfused(nn.Module):
+    """``model`` run on the reference path: SE's scale, the addition and the ReLU as separate ops."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with reference_path():
+            return self.model(x)
+
+
+def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> dict:
+    """``senet.bench.measure`` over named models; ratios of each to the last one (the baseline)."""
+    subjects = [Subject(n, m, (3, 224, 224)) for n, m in models.items()]
+    res = measure(subjects, batch, cfg, CPU)
+    base = subjects[-1]
+    per_round = {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in subjects}
+    out = {"per_call": res, "ratio_to_" + base.name: {
+        s.name: ratio(per_round[s.name], per_round[base.name]) for s in subjects[:-1]}}
+    print(f"  batch {batch} {'train' if cfg.train else 'infer'}: " + ", ".join(
+        f"{s.name} {res[s.name]['p50_ms']:.1f} ms" for s in subjects) + " | " + ", ".join(
+        f"{n}/{base.name} {fmt(r)}" for n, r in out["ratio_to_" + base.name].items()))
+    return out
+
+
+def bench_resnet(args) -> dict:
+    """se_resnet50 (fast path, default) and the same weights unfused, vs resnet50."""
+    se = create_model("se_resnet50")
+    models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)),
+              "resnet50": create_model("resnet50")}
+    results = {}
+    for batch in args.infer_batch:
+        cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
+        results[f"infer_b{batch}"] = run_subjects(models, cfg, batch)
+    for batch in args.train_batch:
+        cfg = BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds, iters=1)
+        results[f"train_b{batch}"] = run_subjects(models, cfg, batch)
+    return results
+
+
+def timm_pair() -> dict[str, nn.Module]:
+    """Ours and timm's seresnet50 with the same weights (timm's mapped onto ours by senet.convert)."""
+    import timm
+
+    from senet.convert import load_into, to_senet_names
+
+    theirs = timm.create_model("seresnet50")
+    ours = create_model("se_resnet50")
+    load_into(ours, to_senet_names(theirs.state_dict(), "timm_resnet"))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 224, 224)
+        diff = (ours.eval()(x) - theirs.eval()(x)).abs().max().item()
+    if diff > 1e-3:
+        raise RuntimeError(f"ours and timm's seresnet50 differ by {diff:.2e} with the same weights")
+    return {"senet_se_resnet50": ours, "timm_seresnet50": theirs}
+
+
+def bench_timm(args) -> dict:
+    results = {}
+    for mode in args.modes:
+        pair = timm_pair()
+        if mode == "channels_last":
+            pair = {n: m.to(memory_format=torch.channels_last) for n, m in pair.items()}
+        for train, batch in [(False, args.infer_batch[0]), (True, args.train_batch[0])]:
+            cfg = BenchConfig("se_resnet50", "timm_seresnet50", channels_last=mode == "channels_last",
+                              compile=mode == "compile", train=train, warmup=2 if train else args.warmup,
+                              rounds=args.train_rounds if train else args.rounds, iters=1 if train else args.iters)
+            print(f"{mode}:")
+            results[f"{mode}_{'train' if train else 'infer'}_b{batch}"] = run_subjects(pair, cfg, batch)
+    return results
+
+
+# ----------------------------------------------------------------------------- 4. memory, 5. onnx
+
+
+def bench_memory(args) -> dict:
+    """Bytes autograd saves in one training forward at 224x224 (senet.bench.activation_bytes)."""
+    import timm
+
+    x = torch.randn(args.train_batch[0], 3, 224, 224)
+    se, plain = create_model("se_resnet50"), create_model("resnet50")
+    out = {"resnet50": activation_bytes(plain, x), "se_resnet50": activation_bytes(se, x)}
+    with reference_path():
+        out["se_resnet50_unfused"] = activation_bytes(se, x)
+    out["timm_resnet50"] = activation_bytes(timm.create_model("resnet50"), x)
+    out["timm_seresnet50"] = activation_bytes(timm.create_model("seresnet50"), x)
+    res = {"batch": x.shape[0], "bytes": out,
+           "se_over_baseline": {k: out[f"{p}se{k}"] / out[base] - 1 for k, p, base in [
+               ("_resnet50", "", "resnet50"), ("_resnet50_unfused", "", "resnet50"),
+               ("resnet50", "timm_", "timm_resnet50")]}}
+    for k, v in out.items():
+        print(f"{k}: {v / 2**20:.1f} MiB")
+    print({k: f"{100 * v:+.2f}%" for k, v in res["se_over_baseline"].items()})
+    return res
+
+
+def bench_onnx(args) -> dict:
+    """se_resnet50, batch 1, 224x224: onnxruntime session (threads = torch's) vs PyTorch eager."""
+    model = create_model("se_resnet50").eval()
+    x = torch.randn(1, 3, 224, 224)
+    steps = {"torch_eager": make_step(model, x, train=False, runtime="torch", input_size=(3, 224, 224)),
+             "onnxruntime": make_step(model, x, train=False, runtime="onnxruntime", input_size=(3, 224, 224))}
+    t = interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
+    speedup = ratio(t["torch_eager"], t["onnxruntime"])
+    print(f"torch {median_ms(t['torch_eager']):.1f} ms, onnxruntime {median_ms(t['onnxruntime']):.1f} ms, "
+          f"speed-up (torch / ort) {fmt(speedup)}")
+    return {**{f"{k}_ms": median_ms(v) for k, v in t.items()}, "speedup_torch_over_ort": speedup}
+
+
+TARGETS = {"block": bench_block, "resnet": bench_resnet, "timm": bench_timm, "memory": bench_memory,
+           "onnx": bench_onnx}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("target", choices=[*TARGETS, "all"])
+    p.add_argument("--threads", type=int, default=2, help="torch (and onnxruntime) threads, same for all sides")
+    p.add_argument("--batch", type=int, default=16, help="block: batch of the SE activations")
+    p.add_argument("--infer-batch", type=int, nargs="*", default=[1, 16], help="none: skip inference")
+    p.add_argument("--train-batch", type=int, nargs="*", default=[16], help="none: skip training")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    p.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compile"],
+                   choices=["eager", "channels_last", "compile"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--train-rounds", type=int, default=6, help="rounds of one training step each")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for target in TARGETS if args.target == "all" else [args.target]:
+        load = os.getloadavg()
+        torch.manual_seed(0)
+        results = TARGETS[target](args)
+        print("wrote", save(target, {"target": target, **vars(args)}, results, load))
+
+
+if __name__ == "__main__":
+    main()
