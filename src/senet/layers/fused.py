@@ -82,10 +82,10 @@ class _SigmoidScaleAddReLU(torch.autograd.Function):
         grad_x = g_pre * s
         if ctx.from_bn:  # Σ_hw g_pre x = A Σ_hw g_pre c + B Σ_hw g_pre; times σ' = s (1 - s)
             c, A, B = kept
-            gx = (g_pre * c).sum((2, 3), keepdim=True).mul_(A).add_(g_pre.sum((2, 3), keepdim=True) * B)
+            gx = channel_dot(g_pre, c).mul_(A).add_(g_pre.sum((2, 3), keepdim=True) * B)
             grad_a = gx.mul_(s * (1 - s))
         else:  # Σ_hw g_pre (y - shortcut) = s Σ_hw g_pre x; times (1 - s) is dL/da
-            grad_a = (y - kept[0]).mul_(g_pre).sum((2, 3), keepdim=True).mul_(1 - s)
+            grad_a = channel_dot(g_pre, y, kept[0]).mul_(1 - s)
         return grad_x, grad_a, g_pre, None, None, None
 
 
@@ -104,13 +104,17 @@ def bn_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.
     return A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
 
 
-def channel_dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ_hw g x for every (b, c), as (B, C, 1, 1). The product goes through one sample-sized buffer
-    (cache-resident, allocated once) instead of a fresh full-size temporary."""
+def channel_dot(g: torch.Tensor, x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_hw g (x - minus) for every (b, c), as (B, C, 1, 1). The product goes through one sample-sized
+    buffer (cache-resident, allocated once) instead of a fresh full-size temporary (compiled: the plain
+    expression, which the compiler fuses)."""
+    if torch.compiler.is_compiling():
+        return (g * (x if minus is None else x - minus)).sum((2, 3), keepdim=True)
     out = torch.empty(g.shape[0], g.shape[1], 1, 1, dtype=g.dtype, device=g.device)
     buf = torch.empty_like(g[0])  # (C, H, W), g's memory format
     for b in range(g.shape[0]):
-        torch.sum(torch.mul(g[b], x[b], out=buf), (1, 2), keepdim=True, out=out[b])
+        prod = torch.mul(g[b], x[b], out=buf) if minus is None else torch.sub(x[b], minus[b], out=buf).mul_(g[b])
+        torch.sum(prod, (1, 2), keepdim=True, out=out[b])
     return out
 
 
