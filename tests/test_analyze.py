@@ -10,7 +10,7 @@ from torch import nn
 from senet.analyze import attention_blocks, block_stats, plot_class_means, record_excitations
 from senet.checkpoint import save_checkpoint
 from senet.cli import main
-from senet.export import load_model
+from senet.export import load_spec
 from senet.flops import count_macs, count_params
 from senet.models import create_model
 from senet.prune import prune_blocks
@@ -121,7 +121,7 @@ def test_cli_analyze_and_prune_on_digits(tmp_path, capsys):
     assert result["before"]["params"] - result["after"]["params"] == 64 * 4 + 4 + 4 * 64 + 64
     assert result["pruned"] == [{"name": LAST, "action": "folded", "into": "layer3.2.bn2"}]
     # the pruned checkpoint loads back (Identity in place of the block) with the folded weights
-    original, pruned = load_model(str(ckpt)).model, load_model(str(out)).model
+    original, pruned = load_spec(str(ckpt)).model, load_spec(str(out)).model
     assert isinstance(pruned.get_submodule(LAST), nn.Identity)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():

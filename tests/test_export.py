@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper
 
 from senet.cli import main
-from senet.export import export_model, load_model, onnx_session, rewrite_global_pools
+from senet.export import export_model, load_spec, onnx_session, rewrite_global_pools
 from senet.models import CifarResNet, ResNet, create_model
 
 # One small model per family (extend as families land): name, kwargs, input size, a gate op it must keep.
@@ -122,6 +122,6 @@ def test_cli_export_rejects_unknown_model(capsys):
     assert "neither a file nor a registered model" in capsys.readouterr().err
 
 
-def test_load_model_name_input_size():
-    loaded = load_model("se_resnet20")
+def test_load_spec_name_input_size():
+    loaded = load_spec("se_resnet20")
     assert loaded.input_size == (3, 32, 32) and loaded.checkpoint is None

@@ -190,14 +190,13 @@ def format_stats(stats: list[BlockStats], threshold: float) -> str:
 
 def load_for_data(args: argparse.Namespace):
     """The model (``args.checkpoint``), its data bundle and a loader over ``args.split`` (analyze, prune)."""
+    from senet.checkpoint import data_settings
     from senet.data import create_datasets, create_loaders
-    from senet.export import load_model, stored_config
+    from senet.export import load_spec
 
-    loaded = load_model(args.checkpoint)
-    stored = {k: v for k, v in stored_config(loaded.header).items() if v is not None}
-    data = args.data or stored.get("data", "digits")
-    root = args.root or (stored.get("root") if data == stored.get("data") else None)
-    bundle = create_datasets(data, root, image_size=args.image_size or stored.get("image_size"))
+    loaded = load_spec(args.checkpoint)
+    data, root, image_size = data_settings(loaded.header, args.data, args.root, args.image_size)
+    bundle = create_datasets(data, root, image_size=image_size)
     train, val = create_loaders(bundle, args.batch_size, workers=args.workers)
     return loaded, bundle, (val if args.split == "val" else train)
 

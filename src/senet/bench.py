@@ -195,10 +195,10 @@ def _memory(model: nn.Module, x: torch.Tensor, step, cfg: BenchConfig, device: t
 
 
 def _subject(spec: str, res: int | None, device: torch.device, channels_last: bool) -> Subject:
-    from senet.export import load_model
+    from senet.export import load_spec
     from senet.flops import count_macs, count_params
 
-    loaded = load_model(spec)
+    loaded = load_spec(spec)
     c, h, w = loaded.input_size
     size = (c, res or h, res or w)
     model = loaded.model.to(device)

@@ -7,7 +7,7 @@ The safetensors ``metadata`` (a str -> str dict) holds one entry, ``"senet"``, a
      "provenance": {"senet": ..., "torch": ..., "git_revision": ..., "created": ..., "source": ...},
      "extra": {...}}                      # whatever the caller stored (training state, config, ...)
 
-so ``build_from_checkpoint(path)`` can rebuild the network from the file alone. Tensors are plain
+so ``senet.load_model(path)`` can rebuild the network from the file alone. Tensors are plain
 safetensors: any safetensors reader can load the weights, and loading never unpickles code.
 Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a kill mid-save leaves
 the previous file, never a half-written one.
@@ -151,6 +151,12 @@ def _check_header(header: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, header)`` of a senet checkpoint; ValueError if ``path`` is not one."""
+    header = require_header(path)
+    return load_file(str(path)), header
+
+
+def require_header(path: str | Path) -> dict[str, Any]:
+    """The senet header of ``path``; FileNotFoundError / ValueError naming the fix if it has none."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
@@ -158,17 +164,34 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if header is None:
         raise ValueError(f"{str(path)!r} is a safetensors file without a senet header; load it with "
                          "senet.create_model(name, checkpoint=PATH) or convert it with `senet convert`")
-    return load_file(str(path)), header
+    return header
+
+
+def training_config(header: dict[str, Any]) -> dict[str, Any]:
+    """The training config a checkpoint header carries: ``extra["train"]["config"]`` (where `senet train`
+    puts it) or ``extra["config"]``, else {}."""
+    extra = header.get("extra") or {}
+    return (extra.get("train") or {}).get("config") or extra.get("config") or {}
+
+
+def data_settings(header: dict[str, Any], data: str | None = None, root: str | None = None,
+                  image_size: int | None = None) -> tuple[str, str | None, int | None]:
+    """``(data, root, image_size)`` to evaluate a checkpoint on: the caller's where given, else what its
+    training config recorded, else digits at the data set's default size. The recorded root is used
+    only for the recorded data set."""
+    stored = {k: v for k, v in training_config(header).items() if v is not None}
+    data = data or stored.get("data", "digits")
+    root = root or (stored.get("root") if data == stored.get("data") else None)
+    return data, root, image_size or stored.get("image_size")
 
 
 def build_from_checkpoint(path: str | Path, **overrides: Any) -> nn.Module:
-    """The network ``header["arch"](**header["model_kwargs"])`` with the file's weights loaded.
+    """The network the file's header describes with its weights loaded: ``senet.load_model`` (which also
+    rebuilds attached and pruned networks), in train mode as built.
 
     ``overrides`` replace model kwargs that do not change parameter shapes (e.g. ``drop_rate``).
     """
-    from senet.models import create_model
+    from senet.hub import load_model
 
-    state, header = load_checkpoint(path)
-    model = create_model(header["arch"], **{**header["model_kwargs"], **overrides})
-    model.load_state_dict(state, strict=True)
-    return model
+    require_header(path)  # a file without a senet header is an error here, not a layout to detect
+    return load_model(path, **overrides).train()

@@ -248,27 +248,18 @@ def format_result(result: EvalResult, classes: list[str] | None = None) -> str:
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _checkpoint_data_config(header: dict) -> dict:
-    """The data settings `senet train` stored in its checkpoint (``extra["train"]["config"]``), if any."""
-    extra = header.get("extra") or {}
-    config = (extra.get("train") or {}).get("config") or extra.get("config") or {}
-    return {k: config[k] for k in ("data", "root", "image_size") if config.get(k) is not None}
-
-
 def _eval_command(args: argparse.Namespace) -> int:
-    from senet.checkpoint import build_from_checkpoint, load_checkpoint
+    from senet.checkpoint import data_settings, require_header
     from senet.data import create_datasets, create_loaders
+    from senet.hub import load_model
 
     ckpt = Path(args.checkpoint)
-    _, header = load_checkpoint(ckpt)
-    stored = _checkpoint_data_config(header)
-    data = args.data or stored.get("data", "digits")
-    root = args.root or (stored.get("root") if data == stored.get("data") else None)
-    image_size = args.image_size or stored.get("image_size")
+    header = require_header(ckpt)
+    data, root, image_size = data_settings(header, args.data, args.root, args.image_size)
     bundle = create_datasets(data, root, image_size=image_size)
     _, loader = create_loaders(bundle, args.batch_size, workers=args.workers)
     device = torch.device(args.device)
-    model = build_from_checkpoint(ckpt).to(device)
+    model = load_model(ckpt, map_location=device)
     result = evaluate(model, loader, device=device, num_classes=bundle.num_classes, amp_dtype=_AMP[args.amp])
     if bundle.problems and len(bundle.problems):
         print(bundle.problems.report())

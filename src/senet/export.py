@@ -39,40 +39,41 @@ class LoadedModel:
     header: dict = field(default_factory=dict)
 
 
-def load_model(spec: str, **model_kwargs) -> LoadedModel:
-    """``spec`` is a registered model name (random weights) or a senet checkpoint path.
+def load_spec(spec: str, **model_kwargs) -> LoadedModel:
+    """``spec`` is a registered model name (random weights) or a checkpoint path (``senet.load_model``:
+    plain, attached, pruned or foreign).
 
-    A checkpoint written by `senet prune` (``extra["pruned"]``) is rebuilt with its pruned blocks.
-    The input size is the checkpoint's training image size when it recorded one, else the registry's.
+    The input size is the checkpoint's training image size when it recorded one, else the size its
+    attach calls probed with, else the registry's (3x224x224 for a network senet does not register).
     """
-    from senet.models import create_model, list_models, model_info
+    from senet.models import create_model, list_models
 
     path = Path(spec)
     if path.suffix == ".safetensors" or path.exists():
-        from senet.checkpoint import load_checkpoint
-        from senet.prune import rebuild
+        from senet.hub import load_model
 
-        state, header = load_checkpoint(path)
-        kwargs = {**header["model_kwargs"], **model_kwargs}
-        model = rebuild(header["arch"], kwargs, state, header.get("extra") or {})
-        config = stored_config(header)
-        c, h, w = model_info(header["arch"]).input_size
-        size = config.get("image_size") or h
-        return LoadedModel(model.eval(), header["arch"], kwargs, (kwargs.get("in_chans", c), size, size),
-                           str(path), header)
+        model = load_model(path, **model_kwargs)
+        header = model.senet_header
+        return LoadedModel(model, model.arch_name, model.arch_kwargs,
+                           _input_size(model.arch_name, model.arch_kwargs, header), str(path), header)
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a file nor a registered model; pass a senet .safetensors "
                          "checkpoint or a name from `senet models`")
     model = create_model(spec, **model_kwargs).eval()
-    c, h, w = model_info(spec).input_size
-    return LoadedModel(model, spec, dict(model_kwargs), (model_kwargs.get("in_chans", c), h, w))
+    return LoadedModel(model, spec, dict(model_kwargs), _input_size(spec, model_kwargs, {}))
 
 
-def stored_config(header: dict) -> dict:
-    """The training config a checkpoint carries: ``extra["config"]`` or ``extra["train"]["config"]``
-    (where `senet train` puts it), else {}."""
-    extra = header.get("extra") or {}
-    return extra.get("config") or (extra.get("train") or {}).get("config") or {}
+def _input_size(arch: str, kwargs: dict, header: dict) -> tuple[int, int, int]:
+    from senet.checkpoint import training_config
+    from senet.models import list_models, model_info
+
+    steps = ((header.get("extra") or {}).get("attach") or {}).get("steps")
+    if steps:
+        c, h, w = steps[0]["input_size"]
+    else:
+        c, h, w = model_info(arch).input_size if arch in list_models() else (3, 224, 224)
+    size = training_config(header).get("image_size")
+    return (kwargs.get("in_chans", c), size or h, size or w)
 
 
 # ----------------------------------------------------------------------------- ONNX graph rewrite
@@ -279,7 +280,7 @@ def export_to_temp_onnx(model: nn.Module, input_size, *, dynamic_batch: bool = T
 def _command(args: argparse.Namespace) -> int:
     from senet.evaluate import provenance, write_json
 
-    loaded = load_model(args.model)
+    loaded = load_spec(args.model)
     size = (loaded.input_size[0], args.res or loaded.input_size[1], args.res or loaded.input_size[2])
     stem = Path(args.model).name.removesuffix(".safetensors")
     out = Path(args.out) if args.out else Path(f"{stem}{_SUFFIX[args.format]}")

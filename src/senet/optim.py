@@ -3,7 +3,8 @@
 - Weight decay is not applied to norms, biases and attention blocks by default (the SE paper's
   gates are small FC layers whose decay only pulls the gates towards σ(0) = 0.5). A parameter is
   "no decay" when it is 1-D (norm scales/shifts, biases, per-channel gains) or lives inside an
-  attention block (a registered senet block, or a foreign one recognised by its class name).
+  attention block (a registered senet block, a block ``senet.attach`` inserted with its gate, or a
+  foreign one recognised by its class name).
 - Fine-tuning (the SE-VGG16 recipe in REFERENCE.md): the backbone gets ``lr * backbone_lr_scale``,
   the attention blocks and the classifier head get ``lr``; unfreezing goes in stages: attention +
   head, then the last backbone stage(s), then everything.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from senet.layers import get_attention, list_attentions
+from senet.surgery import GatedExcitation
 
 # Foreign attention blocks (timm's SEModule/EcaModule/CbamModule, torchvision's SqueezeExcitation ...).
 _ATTN_NAME = re.compile(r"squeeze|excit|^se(module|layer|block)?$|semodule|^eca|cbam|^gc(module|block)",
@@ -35,11 +37,12 @@ def _senet_attention_types() -> tuple[type, ...]:
     for name in list_attentions():
         block = get_attention(name)
         found.append(block if isinstance(block, type) else type(block(16)))  # presets build a class
-    return tuple(dict.fromkeys(found))
+    return tuple(dict.fromkeys([*found, GatedExcitation]))  # attach's wrapper: its gate g is attention too
 
 
 def is_attention(module: nn.Module) -> bool:
-    """True for an attention block: a registered senet block or a foreign one named like one."""
+    """True for an attention block: a registered senet block, ``senet.attach``'s ``GatedExcitation``, or a
+    foreign one named like one."""
     return isinstance(module, _senet_attention_types()) or bool(_ATTN_NAME.search(type(module).__name__))
 
 

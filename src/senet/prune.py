@@ -11,7 +11,8 @@ exact, otherwise by ``nn.Identity``:
     through ReLU:   s̄ ⊙ relu(v) = relu(s̄ ⊙ v) for s̄ >= 0   -> fold into the layer before the ReLU
 
 The producer is found by tracing tensors through the unit's leaf modules; it must feed only the block.
-The pruned checkpoint records the removed blocks in ``extra["pruned"]``; ``rebuild`` restores them.
+The pruned checkpoint records the removed blocks in ``extra["pruned"]``; ``senet.load_model`` rebuilds it
+(``remove_recorded``).
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def rebuild(arch: str, model_kwargs: dict, state: dict[str, torch.Tensor], extra: dict) -> nn.Module:
-    """``arch(**model_kwargs)`` with the blocks in ``extra["pruned"]["blocks"]`` set to Identity, ``state``
-    loaded strictly. A checkpoint without ``extra["pruned"]`` loads as usual."""
-    from senet.models import create_model
-
-    model = create_model(arch, **model_kwargs)
-    for name in (extra.get("pruned") or {}).get("blocks", []):
+def remove_recorded(model: nn.Module, record: dict | None) -> nn.Module:
+    """Set the blocks a pruned checkpoint lists (``extra["pruned"]["blocks"]``) to Identity, in place, and
+    keep ``record`` as ``model.senet_pruned`` so a re-saved model keeps it. ``record=None``: unchanged."""
+    if not record:
+        return model
+    for name in record.get("blocks", []):
         _set_module(model, name, nn.Identity())
-    model.load_state_dict(state, strict=True)
+    model.senet_pruned = dict(record)
     return model
 
 
@@ -186,8 +186,10 @@ def _command(args: argparse.Namespace) -> int:
     _print_summary(done, before, after, cost_before, cost_after)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
         Path(args.checkpoint).name.removesuffix(".safetensors") + "-pruned.safetensors")
+    earlier = (getattr(model, "senet_pruned", None) or {}).get("blocks", [])  # pruned before: keep them
     extra = {**(loaded.header.get("extra") or {}),
-             "pruned": {"blocks": [d.name for d in done], "from": args.checkpoint, "threshold": args.threshold}}
+             "pruned": {"blocks": [*earlier, *(d.name for d in done)], "from": args.checkpoint,
+                        "threshold": args.threshold}}
     save_checkpoint(out, model, arch=loaded.arch, model_kwargs=loaded.model_kwargs, extra=extra,
                     source=f"senet prune {args.checkpoint}")
     config = {"checkpoint": args.checkpoint, "arch": loaded.arch, "data": bundle.describe(), "split": args.split,

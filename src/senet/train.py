@@ -589,9 +589,9 @@ def _build_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
         return None
     from senet import hub
 
-    teacher = hub.create_model(None, checkpoint=cfg.teacher, warn=False)
+    teacher = hub.load_model(cfg.teacher, map_location=device)  # any checkpoint: attached, pruned, foreign
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    return teacher.to(device, memory_format=mf).eval().requires_grad_(False)
+    return teacher.to(memory_format=mf).requires_grad_(False)
 
 
 def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path | None]:

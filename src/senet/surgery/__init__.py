@@ -9,8 +9,17 @@ rules, and ``_io`` for rebuilding an attached model from a senet checkpoint.
 """
 
 from ._core import INITS, AttachReport, GatedExcitation, Place, attach, attached_blocks, gates
-from ._io import load_attached, load_base_model, load_weights, save_attached
+from ._io import (
+    adapt_stem,
+    attach_record,
+    load_attached,
+    load_base_model,
+    load_weights,
+    rebuild_attached,
+    save_attached,
+)
 from ._rules import RESIDUAL_ENDS, RULES
 
-__all__ = ["INITS", "RESIDUAL_ENDS", "RULES", "AttachReport", "GatedExcitation", "Place", "attach",
-           "attached_blocks", "gates", "load_attached", "load_base_model", "load_weights", "save_attached"]
+__all__ = ["INITS", "RESIDUAL_ENDS", "RULES", "AttachReport", "GatedExcitation", "Place", "adapt_stem", "attach",
+           "attach_record", "attached_blocks", "gates", "load_attached", "load_base_model", "load_weights",
+           "rebuild_attached", "save_attached"]

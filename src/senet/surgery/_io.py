@@ -3,7 +3,13 @@
 A base spec names where a network comes from: ``"torchvision:resnet50"``, ``"timm:convnext_atto"``
 or a senet model name (``"se_resnet50"``). ``save_attached`` writes a senet checkpoint whose
 ``arch``/``model_kwargs`` are the base spec and its kwargs and whose ``extra["attach"]`` lists every
-``attach`` call (attention, kwargs, init, places), so ``load_attached`` rebuilds the same network.
+``attach`` call (attention, kwargs, init, places), so ``load_attached`` (and ``senet.load_model``)
+rebuild the same network.
+
+torchvision and timm bases are built with 3 input channels; ``in_chans=1`` (grayscale data, e.g.
+digits) adapts the stem after any checkpoint is loaded: the first 3-channel convolution's filters are
+summed over their input channels, ``W' = Σ_c W[:, c]`` (C_out, 1, k, k), so a grayscale image ``x``
+gives exactly what the pretrained stem gives for ``(x, x, x)``.
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ def _build_base(spec: str, kwargs: dict[str, Any]) -> nn.Module:
 
         if name not in torchvision.models.list_models():
             raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        return _call(torchvision.models.get_model, spec, name, weights=None, **kwargs)
     if source == "timm" and name:
         import timm
 
         if not timm.is_model(name):
             raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return _call(timm.create_model, spec, name, pretrained=False, **kwargs)
     if ":" in spec:
         raise ValueError(f"base {spec!r}: use 'torchvision:NAME', 'timm:NAME' or a senet model name")
     from senet.models import create_model
@@ -41,20 +47,53 @@ def _build_base(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return create_model(spec, **kwargs)
 
 
+def _call(builder, spec: str, *args: Any, **kwargs: Any) -> nn.Module:
+    try:
+        return builder(*args, **kwargs)
+    except TypeError as err:  # an argument the foreign builder does not take (e.g. drop_rate)
+        raise ValueError(f"base {spec!r} does not accept {kwargs}: {err}") from None
+
+
+def adapt_stem(model: nn.Module, in_chans: int) -> nn.Module:
+    """Make the first 3-channel ``Conv2d`` take ``in_chans`` = 1 input channel (in place).
+
+    ``W' = Σ_c W[:, c]``: a grayscale image ``x`` then gives exactly what the 3-channel stem gives
+    for ``(x, x, x)``, so pretrained weights keep their meaning.
+    """
+    if in_chans == 3:
+        return model
+    if in_chans != 1:
+        raise ValueError(f"in_chans={in_chans}: torchvision/timm bases take 3 channels and senet adapts their "
+                         "stem to 1 channel only; convert the images to RGB or grayscale")
+    name, conv = next(((n, m) for n, m in model.named_modules()
+                       if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1), (None, None))
+    if conv is None:
+        raise ValueError(f"{type(model).__name__} has no 3-channel Conv2d stem to adapt to in_chans=1")
+    with torch.no_grad():
+        conv.weight = nn.Parameter(conv.weight.sum(dim=1, keepdim=True))  # (C_out, 1, k, k)
+    conv.in_channels = 1
+    return model
+
+
 def load_base_model(spec: str, num_classes: int | None = None, checkpoint: str | Path | None = None,
                     **kwargs: Any) -> nn.Module:
     """Build ``spec`` with random weights (nothing is downloaded), then load ``checkpoint`` if given.
 
     ``checkpoint`` is a state dict file (``.pth``/``.pt`` read with ``weights_only=True``, a plain or
-    senet ``.safetensors``). Tensors whose shapes differ from the model's (a 1000-class head loaded
+    senet ``.safetensors``) of the 3-channel network; ``in_chans=1`` adapts a torchvision/timm stem
+    afterwards (see ``adapt_stem``). Tensors whose shapes differ from the model's (a 1000-class head loaded
     into a ``num_classes=10`` model) are skipped with a warning; any other mismatch raises.
     The spec and kwargs are kept as ``model.senet_base`` for ``save_attached``.
     """
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = _build_base(spec, kwargs)
+    foreign = ":" in spec
+    in_chans = kwargs.get("in_chans", 3)
+    model = _build_base(spec, {k: v for k, v in kwargs.items() if not (foreign and k == "in_chans")})
     if checkpoint is not None:
         load_weights(model, checkpoint)
+    if foreign:
+        adapt_stem(model, in_chans)  # after loading: the 3-channel pretrained filters are summed
     model.senet_base = {"spec": spec, "kwargs": kwargs}
     return model
 
@@ -109,21 +148,34 @@ def save_attached(path: str | Path, model: nn.Module, *, base: str | None = None
         raise ValueError("unknown base network: build it with load_base_model(...) or pass "
                          "base='torchvision:resnet50' (and base_kwargs) to save_attached")
     kwargs = base_kwargs if base_kwargs is not None else recorded.get("kwargs", {})
-    attach_info = {"steps": [s.to_dict() for s in steps]}
     return save_checkpoint(path, model, arch=spec, model_kwargs=kwargs,
-                           extra={**(extra or {}), "attach": attach_info}, source=f"senet.attach on {spec}")
+                           extra={**(extra or {}), "attach": attach_record(model)}, source=f"senet.attach on {spec}")
+
+
+def attach_record(model: nn.Module) -> dict[str, Any] | None:
+    """``{"steps": [AttachReport.to_dict(), ...]}`` for every ``attach`` call on ``model``, or None:
+    what a checkpoint's ``extra["attach"]`` holds."""
+    steps = getattr(model, "senet_attach", None)
+    return {"steps": [s.to_dict() for s in steps]} if steps else None
+
+
+def rebuild_attached(spec: str, kwargs: dict[str, Any], record: dict[str, Any]) -> nn.Module:
+    """The base network ``spec(**kwargs)`` with random weights and the recorded attach calls repeated at
+    the recorded places (``record`` as ``attach_record`` returns it)."""
+    model = load_base_model(spec, **kwargs)
+    for step in map(AttachReport.from_dict, record["steps"]):
+        attach(model, step.attn, [p.name for p in step.places], init=step.init,
+               input_size=step.input_size, **step.kwargs)
+    return model
 
 
 def load_attached(path: str | Path) -> nn.Module:
     """Rebuild a model saved by ``save_attached``: the base network, the same attach calls (same
-    places), then the file's weights loaded strictly."""
+    places), then the file's weights loaded strictly. ``senet.load_model`` does this for any checkpoint."""
     state, header = load_checkpoint(path)
     info = header.get("extra", {}).get("attach")
     if not info:
-        raise ValueError(f"{str(path)!r} holds no attach recipe; load it with senet.checkpoint.build_from_checkpoint")
-    model = load_base_model(header["arch"], **header["model_kwargs"])
-    for step in map(AttachReport.from_dict, info["steps"]):
-        attach(model, step.attn, [p.name for p in step.places], init=step.init,
-               input_size=step.input_size, **step.kwargs)
+        raise ValueError(f"{str(path)!r} holds no attach recipe; load it with senet.load_model")
+    model = rebuild_attached(header["arch"], header["model_kwargs"], info)
     model.load_state_dict(state, strict=True)
     return model

@@ -1,0 +1,96 @@
+"""The tools together: one loader (``senet.load_model``) for every kind of checkpoint, ``senet train
+--base/--attach``, and ``senet eval`` reproducing a run's own validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.models as tv
+from torch import nn
+
+import senet
+from senet.checkpoint import save_checkpoint
+from senet.cli import main
+from senet.data import create_datasets, create_loaders
+from senet.evaluate import evaluate
+from senet.models import create_model
+from senet.prune import prune_blocks
+from senet.surgery import GatedExcitation, attach, attached_blocks, load_base_model, save_attached
+
+LAST = "layer3.2.attn"  # se_resnet20's last SE block (64 channels)
+
+
+def _digits_val(size: int):
+    bundle = create_datasets("digits", None, image_size=size)
+    return bundle, create_loaders(bundle, 256).val
+
+
+def _pruned_checkpoint(path):
+    model = create_model("se_resnet20", num_classes=10, in_chans=1).eval()
+    done = prune_blocks(model, {LAST: torch.full((64,), 0.7)}, torch.randn(2, 1, 8, 8))
+    assert done[0].action == "folded"
+    save_checkpoint(path, model, arch="se_resnet20", model_kwargs={"num_classes": 10, "in_chans": 1},
+                    extra={"pruned": {"blocks": [LAST]}})
+    return model, 8
+
+
+def _attached_checkpoint(path):
+    model = load_base_model("torchvision:resnet18", num_classes=10, in_chans=1)
+    attach(model, "se", "stage", input_size=(1, 16, 16), reduction=8)
+    for b in attached_blocks(model).values():
+        b.gain.data.uniform_(0.3, 1.0)  # attention active: a rebuild without it would differ
+    save_attached(path, model)
+    return model.eval(), 16
+
+
+@pytest.mark.parametrize("make", [_pruned_checkpoint, _attached_checkpoint], ids=["pruned", "attached"])
+def test_eval_and_export_any_checkpoint(make, tmp_path):
+    path = tmp_path / "m.safetensors"
+    model, size = make(path)
+    loaded = senet.load_model(path)
+    x = torch.randn(3, 1, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # senet eval: the same figures as evaluating the in-memory model on the same images
+    assert main(["eval", str(path), "--data", "digits", "--image-size", str(size), "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "eval-m.json").read_text())["result"]
+    bundle, val = _digits_val(size)
+    ref = evaluate(model, val, device="cpu", num_classes=10)
+    assert got["top1"] == ref.top1 and got["confusion"] == ref.confusion.tolist()
+    # senet export: onnxruntime on the written file agrees with the in-memory model
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(path), "--format", "onnx", "--exporter", "torchscript", "--opset", "17",
+                 "--res", str(size), "--out", str(onnx_path)]) == 0
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x[:2].numpy()})  # exported with batch 2
+    np.testing.assert_allclose(out, model(x[:2]).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_stem_adapted_to_one_channel_after_loading(tmp_path):
+    src = tv.resnet18(num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "pre.pth")
+    with pytest.warns(UserWarning, match="fc.weight"):  # 1000-class head kept random for 10 classes
+        gray = load_base_model("torchvision:resnet18", num_classes=10, in_chans=1, checkpoint=tmp_path / "pre.pth")
+    assert gray.conv1.weight.shape == (64, 1, 7, 7)
+    # the pretrained trunk sees a gray image x exactly as it saw (x, x, x)
+    trunk, ref_trunk = nn.Sequential(*list(gray.children())[:-1]), nn.Sequential(*list(src.children())[:-1])
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk.eval()(x), ref_trunk.eval()(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="in_chans=2"):
+        load_base_model("torchvision:resnet18", in_chans=2)
+
+
+def test_recorded_structure_is_not_rebuilt_as_something_else(tmp_path):
+    path = tmp_path / "a.safetensors"
+    model, _ = _attached_checkpoint(path)
+    same = senet.create_model(None, checkpoint=path)  # delegates to load_model
+    blocks = attached_blocks(same)
+    assert blocks.keys() == attached_blocks(model).keys() and same.arch_name == "torchvision:resnet18"
+    assert all(isinstance(b, GatedExcitation) for b in blocks.values())
+    with pytest.raises(ValueError, match="rebuilds only as recorded"):
+        senet.create_model(None, checkpoint=path, num_classes=5)
