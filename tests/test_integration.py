@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.models as tv
+from safetensors.torch import load_file
 from torch import nn
 
 import senet
@@ -94,3 +95,70 @@ def test_recorded_structure_is_not_rebuilt_as_something_else(tmp_path):
     assert all(isinstance(b, GatedExcitation) for b in blocks.values())
     with pytest.raises(ValueError, match="rebuilds only as recorded"):
         senet.create_model(None, checkpoint=path, num_classes=5)
+
+
+# ----------------------------------------------------------------------------- senet train --base/--attach
+
+RECIPE = ["--data", "digits", "--image-size", "16", "--subset", "64", "--batch-size", "32", "--epochs", "2",
+          "--lr", "0.05", "--backbone-lr-scale", "0.1", "--unfreeze", "1", "--quiet"]
+
+
+def test_gates_are_grouped_as_attention():
+    from senet import optim as O
+
+    model = load_base_model("torchvision:resnet18", num_classes=10, in_chans=1)
+    attach(model, "se", "residual", input_size=(1, 16, 16), reduction=8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in O.param_groups(model, weight_decay=5e-4)}
+    gains = {n for n in names.values() if n.endswith(".attached.gain")}
+    assert len(gains) == 8 and gains <= groups["head.no_decay"]  # full lr, no decay, trained at stage 0
+    assert all(".attached." in n or n.startswith("fc.") for n in groups["head.no_decay"] | groups["head.decay"])
+
+
+def test_train_base_attach_digits_eval_and_exact_resume(tmp_path, monkeypatch, capsys):
+    import senet.train as T
+
+    torch.save(tv.resnet18(num_classes=1000).state_dict(), tmp_path / "pre.pth")  # "pretrained", 3-channel
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="fc.weight"):
+        assert main(["train", "--base", "torchvision:resnet18", "--attach", "se", "--attach-kwargs", "reduction=8",
+                     "--checkpoint", str(tmp_path / "pre.pth"), *RECIPE, "--out", str(run)]) == 0
+    res = json.loads((run / "results.json").read_text())["result"]
+    assert [h["stage"] for h in res["history"]] == [0, 2]  # attention + head first, then everything
+    model = senet.load_model(run / "last.safetensors")
+    assert model.conv1.weight.shape == (64, 1, 7, 7) and len(attached_blocks(model)) == 8
+    gains = [b.gain.item() for b in attached_blocks(model).values()]
+    assert all(g != 0.0 for g in gains)  # zero at insertion; the gates trained
+    # senet eval reads data and image size from the checkpoint and reproduces the run's last validation
+    capsys.readouterr()
+    assert main(["eval", str(run / "last.safetensors"), "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "eval-last.json").read_text())["result"]
+    assert got["top1"] == res["history"][-1]["val_top1"]
+    # exact resume: stop after epoch 1's checkpoint, resume, same weights bit for bit
+    cfg = T.TrainConfig.from_dict({**json.loads((run / "config.json").read_text())["config"],
+                                   "out": str(tmp_path / "cut")})
+    step = T.train_step
+
+    def stop_at_epoch_2(r, images, labels):
+        if r.progress.step == r.steps_per_epoch:
+            raise KeyboardInterrupt
+        return step(r, images, labels)
+
+    monkeypatch.setattr(T, "train_step", stop_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="fc.weight"):
+        T.fit(cfg)
+    monkeypatch.setattr(T, "train_step", step)
+    resumed = T.fit(T.TrainConfig(resume=str(tmp_path / "cut"), quiet=True))
+    assert resumed.resumed_at == [2]
+    a, b = load_file(run / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_attach_user_errors(tmp_path, capsys):
+    assert main(["train", "--attach", "se", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "needs base" in capsys.readouterr().err
+    assert main(["train", "resnet20", "--base", "torchvision:resnet18", "--out", str(tmp_path / "b")]) == 2
+    assert "name the network once" in capsys.readouterr().err
+    assert main(["train", "--base", "torchvision:resnet18", "--attach", "se", "--attach-kwargs", "r8",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--attach-kwargs takes KEY=VALUE" in capsys.readouterr().err

@@ -29,6 +29,23 @@ class UserError(Exception):
     """A mistake we can name: printed as one line, exit code 2, no traceback."""
 
 
+def parse_kwargs(items: list[str], flag: str = "--model-arg") -> dict:
+    """``["attn=eca", "attn_kwargs={\"k\": 3}"]`` -> dict for a repeatable ``flag KEY=VALUE``; values are
+    parsed as JSON when they are JSON (numbers, booleans, lists, objects), else kept as strings."""
+    import json
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"{flag} takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from senet import __version__
 

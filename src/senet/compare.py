@@ -478,12 +478,12 @@ def write_outputs(payload: dict, out: Path) -> dict[str, Path]:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from senet.train import _parse_kwargs
+    from senet.cli import parse_kwargs
 
     cfg = CompareConfig(
         models=[m.strip() for m in args.models.split(",") if m.strip()], data=args.data, root=args.root,
         image_size=args.image_size, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, recipe=_parse_kwargs(args.recipe or []), device=args.device, threads=args.threads,
+        lr=args.lr, recipe=parse_kwargs(args.recipe or [], "--recipe"), device=args.device, threads=args.threads,
         workers=args.workers,
         subset=args.subset, latency_reps=args.latency_reps, latency_threads=args.latency_threads,
         out=args.out or str(Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"),

@@ -42,7 +42,9 @@ from tqdm import tqdm
 
 from senet import optim as O
 from senet.checkpoint import atomic_write_bytes, save_checkpoint
+from senet.cli import parse_kwargs
 from senet.evaluate import EvalResult, _summarize, evaluate, provenance, write_json
+from senet.hub import structure_extra
 
 STATE_FILE = "train_state.safetensors"
 _STATE_KEY = "senet_train"
@@ -59,6 +61,10 @@ class TrainConfig:
     model: str | None = None  # registered name; None: "se_resnet20", or the `checkpoint`'s network
     checkpoint: str | None = None  # pretrained weights to fine-tune (senet, timm or torchvision file)
     model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"attn": "eca"}
+    base: str | None = None  # instead of `model`: "torchvision:resnet50", "timm:NAME" (senet.load_base_model)
+    attach: str | None = None  # attention inserted into `base` after `checkpoint` is loaded (identity init)
+    attach_where: str = "residual"  # residual | stage | conv | comma-separated module names
+    attach_kwargs: dict = field(default_factory=dict)  # attention arguments, e.g. {"reduction": 8}
     data: str = "digits"  # digits | cifar10 | cifar100 | imagefolder:PATH | PATH (an ImageFolder tree)
     root: str | None = None
     download: bool = False  # fetch CIFAR into `root` (needs the internet)
@@ -140,6 +146,11 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(msg)
     O.parse_unfreeze(cfg.unfreeze)
+    if cfg.base and cfg.model and cfg.model != cfg.base:
+        raise ValueError(f"model={cfg.model!r} and base={cfg.base!r}: name the network once, as a model "
+                         "(senet name) or as --base (torchvision:NAME, timm:NAME)")
+    if cfg.attach and not cfg.base:
+        raise ValueError(f"attach={cfg.attach!r} needs base: e.g. --base torchvision:resnet50 --attach se")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -449,7 +460,8 @@ def _pack_state(run: Run, rngs: list[dict], totals: torch.Tensor) -> bytes:
         rng_json.append({"numpy": [s["numpy"][0], *s["numpy"][2:]], "python": s["python"]})
     tensors["totals"] = _cpu(totals)
     meta = {"config": run.cfg.to_dict(), "arch": run.arch, "model_kwargs": run.model_kwargs,
-            "world_size": run.dist.world, "progress": dataclasses.asdict(run.progress), "optimizer": opt_json,
+            "extra": structure_extra(run.model), "world_size": run.dist.world,
+            "progress": dataclasses.asdict(run.progress), "optimizer": opt_json,
             "rng": rng_json, "scaler": run.scaler.state_dict() if run.scaler is not None else None}
     return st_save(tensors, metadata={_STATE_KEY: json.dumps(meta)})
 
@@ -472,9 +484,10 @@ def save_state(run: Run) -> None:
 
 def _save_weights(run: Run, path: Path, model: nn.Module) -> None:
     p = run.progress
+    # the attach/pruned records let senet.load_model (eval, export, --teacher) rebuild the network
     save_checkpoint(path, model, arch=run.arch, model_kwargs=run.model_kwargs,
                     extra={"train": {"config": run.cfg.to_dict(), "epoch": p.epoch, "step": p.step,
-                                     "best_top1": p.best_top1}})
+                                     "best_top1": p.best_top1}, **structure_extra(model)})
 
 
 def read_state(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
@@ -570,11 +583,29 @@ def _build_model(cfg: TrainConfig, bundle, resumed: dict | None) -> nn.Module:
     from senet import hub
 
     if resumed is not None:  # the saved state holds the weights: no need for the pretrained file
-        return hub.create_model(resumed["arch"], **resumed["model_kwargs"])
+        return hub.build_model(resumed["arch"], resumed["model_kwargs"], resumed.get("extra"))
     kwargs = _model_kwargs(cfg, bundle)
+    if cfg.base:
+        return _build_attached(cfg, bundle, kwargs)
     if cfg.checkpoint:
         return hub.create_model(cfg.model, checkpoint=cfg.checkpoint, strict=True, warn=not cfg.quiet, **kwargs)
     return hub.create_model(cfg.model or "se_resnet20", **kwargs)
+
+
+def _build_attached(cfg: TrainConfig, bundle, kwargs: dict) -> nn.Module:
+    """``cfg.base`` with ``cfg.checkpoint`` loaded (3-channel stems adapted to 1-channel data after
+    loading), then ``cfg.attach`` inserted at ``cfg.attach_where`` with zero gates (output unchanged)."""
+    from senet.surgery import RULES, attach, load_base_model
+
+    model = load_base_model(cfg.base, checkpoint=cfg.checkpoint, **kwargs)
+    if cfg.attach:
+        where = cfg.attach_where if cfg.attach_where in RULES else cfg.attach_where.split(",")
+        size = (bundle.in_chans, bundle.image_size, bundle.image_size)
+        _, report = attach(model, cfg.attach, where, init="identity", input_size=size, **cfg.attach_kwargs)
+        if not cfg.quiet and os.environ.get("RANK", "0") == "0":
+            print(report)
+    model.arch_name, model.arch_kwargs = cfg.base, dict(model.senet_base["kwargs"])
+    return model
 
 
 def _model_kwargs(cfg: TrainConfig, bundle) -> dict:
@@ -651,7 +682,8 @@ def setup(config: TrainConfig, model: nn.Module | None = None) -> Run:
         model = _build_model(cfg, bundle, read_state(state_file, tensors=False)[1] if state_file else None)
     arch = getattr(model, "arch_name", cfg.model or type(model).__name__)
     model_kwargs = getattr(model, "arch_kwargs", _model_kwargs(cfg, bundle))
-    cfg = dataclasses.replace(cfg, model=arch)
+    if not cfg.base:
+        cfg = dataclasses.replace(cfg, model=arch)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=mf)
     groups = O.param_groups(model, weight_decay=cfg.weight_decay, backbone_lr_scale=cfg.backbone_lr_scale,
@@ -783,29 +815,17 @@ def _train_cmd(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume continues the saved config; drop {['--' + e.replace('_', '-') for e in extra]}"
                              " or start a new run with another --out")
     elif "out" not in given:
-        name = given.get("model") or (Path(given["checkpoint"]).stem if given.get("checkpoint") else "se_resnet20")
+        name = (given.get("model") or given.get("base", "").replace(":", "-")
+                or (Path(given["checkpoint"]).stem if given.get("checkpoint") else "se_resnet20"))
         given["out"] = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if "model_kwargs" in given:
-        given["model_kwargs"] = _parse_kwargs(given["model_kwargs"])
+    for key, flag in (("model_kwargs", "--model-arg"), ("attach_kwargs", "--attach-kwargs")):
+        if key in given:
+            given[key] = parse_kwargs(given[key], flag)
     result = fit(TrainConfig.from_dict(given))
     if result.out and int(os.environ.get("RANK", "0")) == 0 and not result.config["quiet"]:
         print(f"best val top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}); "
               f"train time {result.train_time_s:.1f}s; files in {result.out}")
     return 0
-
-
-def _parse_kwargs(items: list[str]) -> dict:
-    """``["attn=eca", "attn_kwargs={\"k\": 3}"]`` -> dict; values parsed as JSON when they are."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--model-arg takes KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def add_parser(sub) -> None:
@@ -816,6 +836,12 @@ def add_parser(sub) -> None:
     a("--checkpoint", help="fine-tune from these weights (senet, timm or torchvision file)")
     a("--model-arg", dest="model_kwargs", action="append", metavar="KEY=VALUE",
       help="extra model builder argument, e.g. attn=eca or drop_rate=0.1 (repeatable)")
+    a("--base", help="fine-tune a network senet does not register: torchvision:NAME or timm:NAME "
+                     "(random weights; --checkpoint loads into it)")
+    a("--attach", metavar="ATTN", help="insert this attention into --base with zero gates, e.g. se")
+    a("--attach-where", help="residual (default) | stage | conv | comma-separated module names")
+    a("--attach-kwargs", action="extend", nargs="+", metavar="KEY=VALUE",
+      help="attention arguments, e.g. reduction=8")
     a("--data", help="digits (default) | cifar10 | cifar100 | PATH or imagefolder:PATH (train/ and val/ class folders)")
     a("--root", help="where cifar10/cifar100 live")
     a("--download", action="store_true", help="download CIFAR into --root (needs the internet)")
