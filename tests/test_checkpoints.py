@@ -269,7 +269,7 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("senet.checkpoint.os.fsync", disk_full)  # fails after the bytes were written
+    monkeypatch.setattr("senet.provenance.os.fsync", disk_full)  # fails after the bytes were written
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(path, nn.Linear(3, 2), arch="second", extra={"step": 2})
     monkeypatch.undo()

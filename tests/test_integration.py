@@ -162,3 +162,27 @@ def test_train_attach_user_errors(tmp_path, capsys):
     assert main(["train", "--base", "torchvision:resnet18", "--attach", "se", "--attach-kwargs", "r8",
                  "--out", str(tmp_path / "c")]) == 2
     assert "--attach-kwargs takes KEY=VALUE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def test_provenance_in_one_place(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from senet import provenance as P
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(P.__file__).parent, capture_output=True,
+                          text=True).stdout.strip()
+    rev = P.git_revision()
+    assert rev is None if not head else rev.removesuffix("-dirty") == head
+    hits = P.git_revision.cache_info().hits
+    assert P.git_revision() == rev and P.git_revision.cache_info().hits == hits + 1  # computed once
+    block = P.provenance({"lr": 0.1}, "cpu")
+    assert block["versions"] == {**P.versions(), "torch": torch.__version__, "senet": senet.__version__}
+    assert block["device"]["type"] == "cpu" and block["git_revision"] == rev and block["config"] == {"lr": 0.1}
+    path = P.write_json(tmp_path / "r.json", {**block, "x": np.float32(0.5), "a": np.arange(2), "p": tmp_path})
+    back = json.loads(path.read_text())
+    assert (back["x"], back["a"], back["p"]) == (0.5, [0, 1], str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind

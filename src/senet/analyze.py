@@ -202,7 +202,7 @@ def load_for_data(args: argparse.Namespace):
 
 
 def _command(args: argparse.Namespace) -> int:
-    from senet.evaluate import provenance, write_json
+    from senet.provenance import provenance, write_json
 
     loaded, bundle, loader = load_for_data(args)
     device = torch.device(args.device)

@@ -278,7 +278,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from senet.evaluate import provenance, write_json
+    from senet.provenance import provenance, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)

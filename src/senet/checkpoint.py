@@ -9,16 +9,13 @@ The safetensors ``metadata`` (a str -> str dict) holds one entry, ``"senet"``, a
 
 so ``senet.load_model(path)`` can rebuild the network from the file alone. Tensors are plain
 safetensors: any safetensors reader can load the weights, and loading never unpickles code.
-Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a kill mid-save leaves
-the previous file, never a half-written one.
+Writes are atomic (``senet.provenance.atomic_write_bytes``: temp file in the same directory, fsync,
+``os.replace``): a kill mid-save leaves the previous file, never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
+
+from senet.provenance import atomic_write_bytes, git_revision, now, versions
 
 FORMAT = "senet"
 FORMAT_VERSION = 1
@@ -63,22 +62,15 @@ def save_checkpoint(
 def make_header(arch: str, model_kwargs: dict[str, Any], state: Mapping[str, torch.Tensor], *,
                 extra: dict[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
     """The JSON header of a senet checkpoint (raises ValueError if kwargs/extra are not JSON)."""
-    from senet import __version__
-    from senet.evaluate import git_revision
-
+    v = versions()
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "model_kwargs": model_kwargs,
         "num_classes": model_kwargs.get("num_classes", _head_classes(state)),
-        "provenance": {
-            "senet": __version__,
-            "torch": torch.__version__,
-            "git_revision": git_revision(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": source,
-        },
+        "provenance": {"senet": v["senet"], "torch": v["torch"], "git_revision": git_revision(), "created": now(),
+                       "source": source},
         "extra": extra or {},
     }
     try:
@@ -93,36 +85,6 @@ def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     # (num_classes, num_features): the classifier senet's networks name `fc`.
     weight = state.get("fc.weight")
     return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
-
-
-def atomic_write_bytes(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_header(path: str | Path) -> dict[str, Any] | None:

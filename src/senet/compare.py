@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from senet.evaluate import provenance, write_json
 from senet.flops import count_macs, count_params
+from senet.provenance import provenance, write_json
 
 # ----------------------------------------------------------------------------- statistics
 

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from senet.provenance import provenance, write_json
 
 
 @dataclass
@@ -125,71 +123,6 @@ def _summarize(confusion: np.ndarray, loss_sum: float, topk_hits: int, n: int, k
         topk=k,
         seconds=seconds,
     )
-
-
-# ----------------------------------------------------------------------------- provenance
-
-
-def git_revision(cwd: str | Path | None = None) -> str | None:
-    """The checkout's commit (with ``-dirty`` if it has uncommitted changes), or None outside git."""
-    cwd = Path(cwd) if cwd else Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("-dirty" if dirty else "")
-
-
-def device_name(device: torch.device | str) -> str:
-    """The GPU's name, or the CPU model (from /proc/cpuinfo on Linux) with its logical core count."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def provenance(config: dict, device: torch.device | str) -> dict:
-    """The block every senet results file carries: config, versions, device, git revision, time."""
-    from senet import __version__
-
-    return {
-        "config": config,
-        "versions": {"senet": __version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "device": {"type": torch.device(device).type, "name": device_name(device),
-                   "threads": torch.get_num_threads()},
-        "git_revision": git_revision(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def write_json(path: str | Path, payload: dict) -> Path:
-    """Write atomically: a reader never sees a half-written results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (Path, torch.device, torch.dtype)):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 # ----------------------------------------------------------------------------- plots and text

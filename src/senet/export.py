@@ -278,7 +278,7 @@ def export_to_temp_onnx(model: nn.Module, input_size, *, dynamic_batch: bool = T
 
 
 def _command(args: argparse.Namespace) -> int:
-    from senet.evaluate import provenance, write_json
+    from senet.provenance import provenance, write_json
 
     loaded = load_spec(args.model)
     size = (loaded.input_size[0], args.res or loaded.input_size[1], args.res or loaded.input_size[2])

@@ -169,7 +169,8 @@ def _cost(model: nn.Module, input_size) -> dict[str, int]:
 def _command(args: argparse.Namespace) -> int:
     from senet.analyze import analyze, load_for_data, record_excitations
     from senet.checkpoint import save_checkpoint
-    from senet.evaluate import evaluate, provenance, write_json
+    from senet.evaluate import evaluate
+    from senet.provenance import provenance, write_json
 
     loaded, bundle, loader = load_for_data(args)
     model, size = loaded.model, (bundle.in_chans, bundle.image_size, bundle.image_size)

@@ -41,10 +41,11 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from senet import optim as O
-from senet.checkpoint import atomic_write_bytes, save_checkpoint
+from senet.checkpoint import save_checkpoint
 from senet.cli import parse_kwargs
-from senet.evaluate import EvalResult, _summarize, evaluate, provenance, write_json
+from senet.evaluate import EvalResult, _summarize, evaluate
 from senet.hub import structure_extra
+from senet.provenance import atomic_write_bytes, provenance, write_json
 
 STATE_FILE = "train_state.safetensors"
 _STATE_KEY = "senet_train"
