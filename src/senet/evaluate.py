@@ -47,6 +47,18 @@ class EvalResult:
         d["confusion"] = self.confusion.tolist()
         return d
 
+    @classmethod
+    def from_counts(cls, confusion: np.ndarray, loss_sum: float, topk_hits: int, n: int, k: int,
+                    seconds: float = 0.0) -> EvalResult:
+        """The result of ``n`` samples from their (K, K) confusion counts, summed loss and top-k hits
+        (sums over DDP ranks combine this way)."""
+        counts = confusion.sum(axis=1)  # (K,) samples per true class
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = 100.0 * np.diag(confusion) / counts
+        return cls(top1=100.0 * np.trace(confusion) / n, top5=100.0 * topk_hits / n, loss=loss_sum / n,
+                   per_class=per_class.astype(np.float64), confusion=confusion.astype(np.int64), num_samples=n,
+                   topk=k, seconds=seconds)
+
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
@@ -93,8 +105,8 @@ def evaluate(
     model.train(was_training)
     if n == 0:
         raise ValueError("the loader yielded no samples; check the data set is not empty")
-    return _summarize(confusion.view(num_classes, num_classes).numpy(), loss_sum, topk_hits, n, k,
-                      time.perf_counter() - start)
+    return EvalResult.from_counts(confusion.view(num_classes, num_classes).numpy(), loss_sum, topk_hits, n, k,
+                                  time.perf_counter() - start)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, logits: torch.Tensor) -> None:
@@ -106,23 +118,6 @@ def _check_labels(labels: torch.Tensor, num_classes: int, logits: torch.Tensor) 
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
         raise ValueError(f"label {bad} out of range [0, {num_classes}); check the data set's classes")
-
-
-def _summarize(confusion: np.ndarray, loss_sum: float, topk_hits: int, n: int, k: int,
-               seconds: float) -> EvalResult:
-    counts = confusion.sum(axis=1)  # (K,) samples per true class
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = 100.0 * np.diag(confusion) / counts
-    return EvalResult(
-        top1=100.0 * np.trace(confusion) / n,
-        top5=100.0 * topk_hits / n,
-        loss=loss_sum / n,
-        per_class=per_class.astype(np.float64),
-        confusion=confusion.astype(np.int64),
-        num_samples=n,
-        topk=k,
-        seconds=seconds,
-    )
 
 
 # ----------------------------------------------------------------------------- plots and text

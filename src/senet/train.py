@@ -43,7 +43,7 @@ from tqdm import tqdm
 from senet import optim as O
 from senet.checkpoint import save_checkpoint
 from senet.cli import parse_kwargs
-from senet.evaluate import EvalResult, _summarize, evaluate
+from senet.evaluate import EvalResult, evaluate
 from senet.hub import structure_extra
 from senet.provenance import atomic_write_bytes, provenance, write_json
 
@@ -384,7 +384,7 @@ def validate(run: Run) -> EvalResult:
     sums = torch.tensor([r.loss * r.num_samples, r.top5 * r.num_samples / 100, r.num_samples],
                         dtype=torch.float64, device=run.device)
     loss_sum, hits, n = _all_sum(sums, run.dist).tolist()
-    return _summarize(conf, loss_sum, round(hits), int(n), r.topk, r.seconds)
+    return EvalResult.from_counts(conf, loss_sum, round(hits), int(n), r.topk, r.seconds)
 
 
 def _end_epoch(run: Run, epoch: int, stats: dict, seconds: float) -> dict:
