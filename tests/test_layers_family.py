@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from senet.layers import cbam_from_timm, cbam_to_timm, create_attention
-from senet.layers.sk import floored_width
+from senet.layers._common import floored_width
 
 timm_layers = pytest.importorskip("timm.layers")
 

@@ -126,6 +126,20 @@ def hidden_width(
     return width
 
 
+def floored_width(channels: int, reduction: float, hidden: int | None, divisor: int, hidden_from: int | None,
+                  min_hidden: int) -> int:
+    """A hidden width with a floor: ``max(C // r, min_hidden)`` (SK's d = max(C/r, L), eq. 4; coordinate
+    attention's mip = max(8, C // r)). ``hidden`` overrides; C // r may be 0 for small C."""
+    if hidden is not None:
+        return hidden_width(channels, hidden=hidden)
+    if isinstance(min_hidden, bool) or not isinstance(min_hidden, int) or min_hidden < 1:
+        raise ValueError(f"min_hidden must be a positive integer (SK: 32, coordinate attention: 8), got {min_hidden!r}")
+    base = check_channels(hidden_from if hidden_from is not None else channels, "hidden_from")
+    if isinstance(reduction, (int, float)) and not isinstance(reduction, bool) and base < reduction:
+        return min_hidden
+    return max(hidden_width(channels, reduction, None, divisor, hidden_from), min_hidden)
+
+
 def check_input(x: torch.Tensor, channels: int, block: str) -> None:
     """Raise a ValueError naming the problem instead of a shape error from deep inside PyTorch.
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_act, create_gate
-from .sk import floored_width
+from ._common import check_channels, check_input, create_act, create_gate, floored_width
 
 
 class CoordAttention(nn.Module):

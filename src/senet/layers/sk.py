@@ -16,21 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_act, hidden_width
-
-
-def floored_width(channels: int, reduction: float, hidden: int | None, divisor: int, hidden_from: int | None,
-                  min_hidden: int) -> int:
-    """A hidden width with a floor: ``max(C // r, min_hidden)`` (SK's d = max(C/r, L), eq. 4; coordinate
-    attention's mip = max(8, C // r)). ``hidden`` overrides; C // r may be 0 for small C."""
-    if hidden is not None:
-        return hidden_width(channels, hidden=hidden)
-    if isinstance(min_hidden, bool) or not isinstance(min_hidden, int) or min_hidden < 1:
-        raise ValueError(f"min_hidden must be a positive integer (SK: 32, coordinate attention: 8), got {min_hidden!r}")
-    base = check_channels(hidden_from if hidden_from is not None else channels, "hidden_from")
-    if isinstance(reduction, (int, float)) and not isinstance(reduction, bool) and base < reduction:
-        return min_hidden
-    return max(hidden_width(channels, reduction, None, divisor, hidden_from), min_hidden)
+from ._common import check_channels, check_input, create_act, floored_width
 
 
 class SelectiveKernel(nn.Module):
