@@ -132,8 +132,9 @@ def test_train_base_attach_digits_eval_and_exact_resume(tmp_path, monkeypatch, c
     # senet eval reads data and image size from the checkpoint and reproduces the run's last validation
     capsys.readouterr()
     assert main(["eval", str(run / "last.safetensors"), "--out", str(tmp_path)]) == 0
-    got = json.loads((tmp_path / "eval-last.json").read_text())["result"]
-    assert got["top1"] == res["history"][-1]["val_top1"]
+    payload = json.loads((tmp_path / "eval-last.json").read_text())
+    assert payload["config"]["data"]["name"] == "digits" and payload["config"]["data"]["image_size"] == 16
+    assert payload["result"]["top1"] == res["history"][-1]["val_top1"]
     # exact resume: stop after epoch 1's checkpoint, resume, same weights bit for bit
     cfg = T.TrainConfig.from_dict({**json.loads((run / "config.json").read_text())["config"],
                                    "out": str(tmp_path / "cut")})
@@ -186,3 +187,14 @@ def test_provenance_in_one_place(tmp_path):
     back = json.loads(path.read_text())
     assert (back["x"], back["a"], back["p"]) == (0.5, [0, 1], str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_data_settings_read_where_train_stores_them():
+    from senet.checkpoint import data_settings
+
+    trained = {"extra": {"train": {"config": {"data": "cifar10", "root": "/c", "image_size": 16}}}}
+    assert data_settings(trained) == ("cifar10", "/c", 16)
+    assert data_settings(trained, image_size=24) == ("cifar10", "/c", 24)
+    assert data_settings(trained, data="digits") == ("digits", None, 16)  # the root belongs to cifar10
+    assert data_settings({"extra": {"config": {"data": "digits", "image_size": 8}}}) == ("digits", None, 8)
+    assert data_settings({"extra": {}}) == ("digits", None, None)
