@@ -144,10 +144,9 @@ def analyze(recording: Recording, num_classes: int, threshold: float = DEFAULT_T
 def plot_class_means(stats: list[BlockStats], path: str | Path, *, classes: list[str] | None = None,
                      channels: int = 64, max_classes: int = 10) -> Path:
     """One panel per block: mean excitation per class over ``channels`` evenly sampled channels."""
-    import matplotlib
+    from senet.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = min(4, len(stats))
     rows = -(-len(stats) // cols)
@@ -167,12 +166,7 @@ def plot_class_means(stats: list[BlockStats], path: str | Path, *, classes: list
     for ax in list(axes.flat)[len(stats):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=5, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def format_stats(stats: list[BlockStats], threshold: float) -> str:

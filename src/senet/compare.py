@@ -252,10 +252,9 @@ def markdown_report(payload: dict, plot_name: str) -> str:
 
 def plot_compare(models: list[dict], path: str | Path) -> Path:
     """Three panels: val top-1 per epoch (mean over seeds, ±1 std band); top-1 vs MACs; top-1 vs latency."""
-    import matplotlib
+    from senet.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -278,12 +277,7 @@ def plot_compare(models: list[dict], path: str | Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the job

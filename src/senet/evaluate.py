@@ -60,7 +60,12 @@ class EvalResult:
                    topk=k, seconds=seconds)
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+# --amp choices of `senet train` and `senet eval` -> autocast dtype (None: full float32)
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type with ``amp_dtype``, or a no-op context for None."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -91,7 +96,7 @@ def evaluate(
     with torch.inference_mode():
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = model(images)
             logits = logits.float()  # (B, K)
             _check_labels(labels, num_classes, logits)
@@ -126,10 +131,9 @@ def _check_labels(labels: torch.Tensor, num_classes: int, logits: torch.Tensor) 
 def plot_confusion(confusion: np.ndarray, path: str | Path, *, classes: list[str] | None = None,
                    title: str = "") -> Path:
     """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
-    import matplotlib
+    from senet.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = confusion.shape[0]
     rows = confusion.sum(axis=1, keepdims=True).clip(min=1)
@@ -148,12 +152,7 @@ def plot_confusion(confusion: np.ndarray, path: str | Path, *, classes: list[str
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_result(result: EvalResult, classes: list[str] | None = None) -> str:
@@ -173,7 +172,6 @@ def format_result(result: EvalResult, classes: list[str] | None = None) -> str:
 
 # ----------------------------------------------------------------------------- `senet eval`
 
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _eval_command(args: argparse.Namespace) -> int:
@@ -188,7 +186,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     _, loader = create_loaders(bundle, args.batch_size, workers=args.workers)
     device = torch.device(args.device)
     model = load_model(ckpt, map_location=device)
-    result = evaluate(model, loader, device=device, num_classes=bundle.num_classes, amp_dtype=_AMP[args.amp])
+    result = evaluate(model, loader, device=device, num_classes=bundle.num_classes, amp_dtype=AMP_DTYPES[args.amp])
     if bundle.problems and len(bundle.problems):
         print(bundle.problems.report())
     print(f"{header['arch']} on {bundle.name} (val, image size {bundle.image_size}):")
@@ -217,6 +215,6 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--amp", choices=sorted(_AMP), default="none", help="autocast dtype for the forward pass")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none", help="autocast dtype for the forward pass")
     p.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
     p.set_defaults(func=_eval_command)

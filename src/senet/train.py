@@ -43,13 +43,12 @@ from tqdm import tqdm
 from senet import optim as O
 from senet.checkpoint import save_checkpoint
 from senet.cli import parse_kwargs
-from senet.evaluate import EvalResult, evaluate
+from senet.evaluate import AMP_DTYPES, EvalResult, autocast, evaluate
 from senet.hub import structure_extra
 from senet.provenance import atomic_write_bytes, provenance, write_json
 
 STATE_FILE = "train_state.safetensors"
 _STATE_KEY = "senet_train"
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -134,7 +133,7 @@ def check_config(cfg: TrainConfig) -> None:
         (0 <= cfg.label_smoothing < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1), e.g. 0.1"),
         (0 <= cfg.drop_rate < 1, f"drop_rate={cfg.drop_rate} must be in [0, 1)"),
         (cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 = off)"),
-        (cfg.amp in _AMP, f"amp={cfg.amp!r}: choose one of {list(_AMP)}"),
+        (cfg.amp in AMP_DTYPES, f"amp={cfg.amp!r}: choose one of {list(AMP_DTYPES)}"),
         (cfg.ema_decay == 0 or 0 < cfg.ema_decay < 1, f"ema_decay={cfg.ema_decay} must be 0 (off) or in (0, 1)"),
         (cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 = epoch ends)"),
         (0 <= cfg.kd_alpha <= 1, f"kd_alpha={cfg.kd_alpha} must be in [0, 1]"),
@@ -256,7 +255,7 @@ class Run:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        return _AMP[self.cfg.amp]
+        return AMP_DTYPES[self.cfg.amp]
 
     def lr_factor(self, step: int) -> float:
         cfg, spe = self.cfg, self.steps_per_epoch
@@ -266,18 +265,12 @@ class Run:
                            gamma=cfg.lr_gamma, min_factor=cfg.min_lr_ratio)
 
 
-def _autocast(run: Run):
-    if run.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(run.device.type, dtype=run.amp_dtype)
-
-
 def _loss(run: Run, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     cfg = run.cfg
     logits = logits.float()
     if run.teacher is None:
         return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-    with torch.no_grad(), _autocast(run):
+    with torch.no_grad(), autocast(run.device, run.amp_dtype):
         t_logits = run.teacher(images).float()
     if t_logits.shape != logits.shape:
         raise ValueError(f"teacher outputs {tuple(t_logits.shape)} but the student {tuple(logits.shape)}: "
@@ -289,7 +282,7 @@ def _loss(run: Run, logits: torch.Tensor, images: torch.Tensor, labels: torch.Te
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step at ``run.progress.step``; returns (loss, logits), detached."""
     O.set_lr(run.optimizer, run.lr_factor(run.progress.step))
-    with _autocast(run):
+    with autocast(run.device, run.amp_dtype):
         logits = run.net(images)  # (B, K)
     loss = _loss(run, logits, images, labels)
     run.optimizer.zero_grad(set_to_none=True)
@@ -662,7 +655,7 @@ def setup(config: TrainConfig, model: nn.Module | None = None) -> Run:
     cfg, out = _resolve(config)
     check_config(cfg)
     d, device = init_distributed(cfg.device)
-    if _AMP[cfg.amp] is torch.float16 and device.type != "cuda":
+    if AMP_DTYPES[cfg.amp] is torch.float16 and device.type != "cuda":
         raise ValueError("amp='fp16' needs CUDA; on CPU use amp='bf16'")
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size={cfg.batch_size} (global) must divide evenly over {d.world} processes")
@@ -693,7 +686,7 @@ def setup(config: TrainConfig, model: nn.Module | None = None) -> Run:
     run = Run(cfg=cfg, dist=d, device=device, model=model, net=model, optimizer=optimizer, loaders=loaders,
               bundle=bundle, arch=arch, model_kwargs=model_kwargs, steps_per_epoch=steps,
               ema=O.ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None,
-              scaler=torch.amp.GradScaler(device.type) if _AMP[cfg.amp] is torch.float16 else None,
+              scaler=torch.amp.GradScaler(device.type) if AMP_DTYPES[cfg.amp] is torch.float16 else None,
               teacher=_build_teacher(cfg, device), out=out,
               totals=torch.zeros(3, dtype=torch.float64, device=device))
     _seed_all(cfg.seed + d.rank)  # dropout masks differ across ranks, like their data
@@ -865,7 +858,7 @@ def add_parser(sub) -> None:
     a("--label-smoothing", type=float)
     a("--drop-rate", type=float)
     a("--grad-clip", type=float, help="max gradient L2 norm (0 = off)")
-    a("--amp", choices=list(_AMP))
+    a("--amp", choices=list(AMP_DTYPES))
     a("--channels-last", action="store_true")
     a("--compile", nargs="?", const="inductor", metavar="BACKEND", help="torch.compile (default backend inductor)")
     a("--ema-decay", type=float, help="EMA of weights, e.g. 0.999 (0 = off)")
