@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from senet.checkpoint import load_checkpoint, read_header, save_checkpoint
+from senet.checkpoint import load_checkpoint, save_checkpoint
 
 from ._core import AttachReport, attach
 
@@ -99,21 +99,12 @@ def load_base_model(spec: str, num_classes: int | None = None, checkpoint: str |
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    if path.suffix == ".safetensors":
-        if read_header(path) is not None:
-            return load_checkpoint(path)[0]
-        from safetensors.torch import load_file
+    # senet convert's reader: weights_only torch.load or safetensors, training wrappers unwrapped,
+    # DataParallel/torch.compile key prefixes stripped
+    from senet.convert import read_state_dict, strip_wrappers
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state"):  # common training-script wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    return state
+    state, _, notes = read_state_dict(path)
+    return strip_wrappers(state, notes)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> list[str]:
