@@ -14,7 +14,14 @@ from torch import nn
 
 from senet.bench import activation_bytes
 from senet.layers import create_attention
-from senet.layers.fused import _SigmoidScaleAddReLU, bn_affine, channel_dot, reference_path, scale_add_relu
+from senet.layers.fused import (
+    _ExciteScaleAddReLU,
+    _SigmoidScaleAddReLU,
+    bn_affine,
+    channel_dot,
+    reference_path,
+    scale_add_relu,
+)
 from senet.models.resnet import BasicBlock, Bottleneck, ResNet
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -115,6 +122,30 @@ def test_custom_function_gradcheck(from_bn):
     torch.autograd.gradcheck(f, (c.requires_grad_(), a.requires_grad_(), sc.requires_grad_()))
 
 
+@pytest.mark.parametrize("from_bn", [False, True], ids=["keep_shortcut", "keep_bn_input"])
+def test_recompute_function_gradcheck(from_bn):
+    # the eager function: SE's FCs recomputed in backward, the squeeze's gradient folded into dL/dx
+    se = create_attention("se_released", 4, reduction=2).double()
+    g = torch.Generator().manual_seed(1)
+    x, sc, c = (torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    A = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=torch.float64).view(1, 4, 1, 1)
+    B = torch.tensor([0.1, -0.3, 0.7, 0.0], dtype=torch.float64).view(1, 4, 1, 1)
+
+    def f(inp, sc, *params):
+        if from_bn:  # inp is c; the function sees x = A c + B and keeps c
+            return _ExciteScaleAddReLU.apply(A * inp + B, sc, inp.detach(), A, B, se.pooled_logits, *params)
+        return _ExciteScaleAddReLU.apply(inp, sc, None, None, None, se.pooled_logits, *params)
+    torch.autograd.gradcheck(f, (c if from_bn else x, sc, *se.parameters()))
+
+
+def test_eager_training_takes_the_recompute_function():
+    unit = _unit("bottleneck")
+    y = unit(torch.randn(2, 16, 6, 6, requires_grad=True))
+    assert type(y.grad_fn).__name__ == "_ExciteScaleAddReLUBackward"
+    with torch.no_grad():
+        assert unit(torch.randn(2, 16, 6, 6)).grad_fn is None
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_bn_affine_reproduces_batchnorm(train):
     bn = nn.BatchNorm2d(4).double().train(train)
@@ -123,6 +154,10 @@ def test_bn_affine_reproduces_batchnorm(train):
     c = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 3 + 2
     A, B = bn_affine(bn, c)
     torch.testing.assert_close(A * c + B, bn(c))
+    # float32 with a mean 5x the spread: Σ c² - n mean² must not lose the variance
+    bn32, c32 = copy.deepcopy(bn).float(), (torch.randn(8, 4, 14, 14) + 5)
+    A, B = bn_affine(bn32, c32)
+    torch.testing.assert_close(A * c32 + B, bn32(c32), rtol=1e-4, atol=1e-4)
 
 
 def test_saved_activations_drop_the_bn_output():
@@ -136,14 +171,15 @@ def test_saved_activations_drop_the_bn_output():
         ref = activation_bytes(se, x)
     base = activation_bytes(plain, x)
     # SE units (C, H = W, downsample?): layer1 two units at 256 x 16 x 16 (the second without downsample),
-    # then 512 x 8, 1024 x 4, 2048 x 2; hidden width h = C // 16
+    # then 512 x 8, 1024 x 4, 2048 x 2
     units = [(256, 16, True), (256, 16, False), (512, 8, True), (1024, 4, True), (2048, 2, True)]
     x_bytes = sum(4 * b * c * hw * hw for c, hw, _ in units)  # every unit's bn output, float32
-    # fc1's input z (B, C), the ReLU's output (B, h), s (B, C); after a downsample A and B (C each)
-    vectors = sum(4 * (b * (2 * c + c // 16) + (2 * c if down else 0)) for c, _, down in units)
+    # the pooled z and the scale s (B, C) (backward recomputes the FCs); after a downsample A and B (C each)
+    vectors = sum(4 * (b * 2 * c + (2 * c if down else 0)) for c, _, down in units)
     ab_bytes = sum(4 * 2 * c for c, _, down in units if down)
+    hidden_bytes = sum(4 * b * (c // 16) for c, _, _ in units)  # δ(W1 z), kept by the reference only
     assert fast - base == vectors
-    assert ref - fast == x_bytes - ab_bytes
+    assert ref - fast == x_bytes + hidden_bytes - ab_bytes
 
 
 def test_hooks_see_the_unfused_call():

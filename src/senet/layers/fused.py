@@ -1,24 +1,32 @@
-"""The fast path of SE inside a residual unit (Hu et al., "Squeeze-and-Excitation Networks", arXiv 1709.01507).
+"""The fast path of SE (Hu et al., "Squeeze-and-Excitation Networks", arXiv 1709.01507).
 
 The standard SE-ResNet unit (paper Fig. 5b) ends with
 
-    y = relu(x * s + shortcut),   s = σ(W2 δ(W1 mean_{H,W} x))          (eqs. 2-4)
+    y = relu(x * s + shortcut),   s = σ(a),  a = W2 δ(W1 z),  z = mean_{H,W} x      (eqs. 2-4)
 
-Written as three ops (``x * s``, ``+ shortcut``, ``relu``) it makes three passes over the activation
-and autograd keeps ``x`` (the BN output, needed for ds = Σ_hw g·x) on top of what the plain ResNet
-keeps. Here the scale, the addition and the ReLU are one ``addcmul`` plus an in-place ``relu_``
-(the same passes as the plain unit's ``relu(out + shortcut)``), and with a sigmoid gate a custom
-autograd function keeps only ``y``, ``s`` and ``shortcut``: ``y`` is the next unit's input and an
-identity ``shortcut`` is this unit's input, both kept by the convolutions anyway. Where ``y > 0``,
-``x s = y - shortcut``, so the gradient of the gate's logits a (s = σ(a)) needs no ``x``:
+Op by op (``x * s``, ``+ shortcut``, ``relu``) that is three passes over the activation, and autograd
+keeps ``x`` (the BN output, for ds = Σ_hw g·x) on top of what the plain ResNet keeps; in backward the
+squeeze's gradient dz / HW is a fourth full-size tensor added onto dL/dx. Here:
 
-    dL/da_c = s_c (1 - s_c) Σ_hw g_pre x = (1 - s_c) Σ_hw g_pre (y - shortcut),  g_pre = g · [y > 0]
+- the scale, the addition and the ReLU are one ``addcmul`` plus an in-place ``relu_``: the passes
+  of the plain unit's ``relu(out + shortcut)``;
+- backward keeps ``y`` (the next unit's input), z, s and either ``shortcut`` (an identity shortcut
+  is the unit's input) or, after a downsample, ``c`` with ``x = bn(c) = A c + B`` - tensors the
+  convolutions and BatchNorms keep anyway; never ``x``. Where ``y > 0``, ``x s = y - shortcut``:
 
-(no division by s, so saturated gates stay exact up to rounding). Other gates keep ``x``.
+      dL/da = s (1 - s) Σ_hw g_pre x = (1 - s) Σ_hw g_pre (y - shortcut),   g_pre = g · [y > 0]
+            = s (1 - s) (A Σ_hw g_pre c + B Σ_hw g_pre)
 
-The fast path is the default. It steps aside, and the unit calls its ``attn`` module as usual, when
-anything observes the modules it would skip (forward hooks on ``attn``/``act``, as ``senet analyze``
-and ``senet prune`` install), and while ``reference_path()`` is active (tests, benchmarks).
+  (no division by s: saturated gates stay exact up to rounding);
+- backward recomputes the tiny FCs from z and writes dL/dx = g_pre s + dL/dz / HW in one pass.
+
+The SE block alone (``SqueezeExcite.forward``) gets the last two: it keeps x, z and s.
+
+The fast path is the default in eager training. Inference takes the plain ``addcmul`` + ``relu_``;
+``torch.compile`` traces a variant without the recompute (the compiler fuses the rest); ONNX/JIT
+tracing takes plain ops. The unit calls its ``attn`` module as usual when forward hooks watch the
+modules the fast path skips (``senet analyze``/``prune`` install them), and within ``reference_path()``
+(tests, benchmarks). Backward is once-differentiable: double backward raises instead of being wrong.
 """
 
 from __future__ import annotations
@@ -54,39 +62,75 @@ def observed(*modules: nn.Module) -> bool:
 
 def can_fuse(attn: nn.Module, act: nn.Module) -> bool:
     """Whether ``relu(attn(x) + shortcut)`` may run as ``scale_add_relu``: a scale-form block exposing
-    ``logits(x)`` and ``gate``, a ReLU after the addition, nobody watching, the fast path enabled."""
-    return (_ENABLED and callable(getattr(attn, "logits", None)) and isinstance(act, nn.ReLU)
+    ``logits(x)``, ``pooled_logits(z)`` and ``gate``, a ReLU after the addition, nobody watching,
+    the fast path enabled."""
+    return (_ENABLED and callable(getattr(attn, "pooled_logits", None)) and isinstance(act, nn.ReLU)
             and not observed(attn, act, attn.gate))
 
 
-class _SigmoidScaleAddReLU(torch.autograd.Function):
-    """y = relu(x * σ(a) + shortcut), saving y, s and either ``shortcut`` or, given ``x = A c + B``
-    (a BatchNorm's per-channel affine map of ``c``), ``c``, A and B - never x.
+def _grad_a(g_pre: torch.Tensor, y: torch.Tensor, s: torch.Tensor, kept: list[torch.Tensor]) -> torch.Tensor:
+    """dL/da, (B, C, 1, 1), from what backward kept: [shortcut] or [c, A, B] (see the module docstring)."""
+    if len(kept) == 3:
+        c, A, B = kept
+        gx = channel_dot(g_pre, c).mul_(A).add_(g_pre.sum((2, 3), keepdim=True) * B)  # Σ_hw g_pre x
+        return gx.mul_(s * (1 - s))
+    return channel_dot(g_pre, y, kept[0]).mul_(1 - s)
 
-    Shapes: x, shortcut, c (B, C, H, W); a (B, C, 1, 1); A, B (1, C, 1, 1).
+
+def _recompute_grads(fn, z: torch.Tensor, params: list[torch.Tensor], grad: torch.Tensor) -> list:
+    """[dL/dz, dL/dp for p in params (None where p needs none)] of ``fn(z)`` given dL/d fn(z) = ``grad``."""
+    with torch.enable_grad():
+        z_ = z.detach().requires_grad_()
+        out = fn(z_)
+        wanted = [z_, *(p for p in params if p.requires_grad)]
+        got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    return [next(got), *(next(got) if p.requires_grad else None for p in params)]
+
+
+class _ExciteScaleAddReLU(torch.autograd.Function):
+    """y = relu(x * σ(fc(mean_hw x)) + shortcut) in eager mode: keeps y, z, s and [shortcut] or [c, A, B];
+    backward recomputes ``fc`` (the FCs) and folds the squeeze's gradient into dL/dx.
+
+    Shapes: x, shortcut, c (B, C, H, W); z, s (B, C, 1, 1); A, B (1, C, 1, 1).
     """
 
     @staticmethod
-    def forward(ctx, x, a, shortcut, c=None, A=None, B=None):
-        s = torch.sigmoid(a)  # (B, C, 1, 1)
-        y = torch.addcmul(shortcut, x, s).relu_()  # (B, C, H, W): one pass + the in-place ReLU
-        ctx.from_bn = c is not None
-        ctx.save_for_backward(y, s, *((c, A, B) if ctx.from_bn else (shortcut,)))
+    def forward(ctx, x, shortcut, c, A, B, fc, *params):
+        z = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1), eq. 2
+        s = torch.sigmoid(fc(z))  # eq. 3
+        y = torch.addcmul(shortcut, x, s).relu_()  # eq. 4 + addition + ReLU: one pass, in-place ReLU
+        ctx.fc, ctx.hw, ctx.kept = fc, x.shape[2] * x.shape[3], 1 if c is None else 3
+        ctx.save_for_backward(y, z, s, *((shortcut,) if c is None else (c, A, B)), *params)
         return y
 
     @staticmethod
     @once_differentiable  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
-        y, s, *kept = ctx.saved_tensors
+        y, z, s, *rest = ctx.saved_tensors
+        kept, params = rest[:ctx.kept], rest[ctx.kept:]
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
-        grad_x = g_pre * s
-        if ctx.from_bn:  # Σ_hw g_pre x = A Σ_hw g_pre c + B Σ_hw g_pre; times σ' = s (1 - s)
-            c, A, B = kept
-            gx = channel_dot(g_pre, c).mul_(A).add_(g_pre.sum((2, 3), keepdim=True) * B)
-            grad_a = gx.mul_(s * (1 - s))
-        else:  # Σ_hw g_pre (y - shortcut) = s Σ_hw g_pre x; times (1 - s) is dL/da
-            grad_a = channel_dot(g_pre, y, kept[0]).mul_(1 - s)
-        return grad_x, grad_a, g_pre, None, None, None
+        dz, *dparams = _recompute_grads(ctx.fc, z, params, _grad_a(g_pre, y, s, kept))
+        grad_x = torch.addcmul(dz / ctx.hw, g_pre, s)  # g_pre s + dz / HW: one pass
+        return grad_x, g_pre, None, None, None, None, *dparams
+
+
+class _SigmoidScaleAddReLU(torch.autograd.Function):
+    """y = relu(x * σ(a) + shortcut) for ``torch.compile`` (traceable: no recompute); keeps y, s and
+    [shortcut] or [c, A, B]. Shapes: x, shortcut, c (B, C, H, W); a (B, C, 1, 1); A, B (1, C, 1, 1)."""
+
+    @staticmethod
+    def forward(ctx, x, a, shortcut, c=None, A=None, B=None):
+        s = torch.sigmoid(a)  # (B, C, 1, 1)
+        y = torch.addcmul(shortcut, x, s).relu_()
+        ctx.save_for_backward(y, s, *((shortcut,) if c is None else (c, A, B)))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, s, *kept = ctx.saved_tensors
+        g_pre = torch.ops.aten.threshold_backward(g, y, 0)
+        return g_pre * s, _grad_a(g_pre, y, s, kept), g_pre, None, None, None
 
 
 @torch.no_grad()
@@ -94,9 +138,13 @@ def bn_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(A, B), each (1, C, 1, 1), with ``bn(c) == A * c + B`` for this very call: batch statistics
     (biased variance) in training or without running statistics, else the running ones."""
     if bn.training or bn.running_mean is None:
-        var, mean = torch.var_mean(c, (0, 2, 3), correction=0)  # (C,)
+        # Σ c and Σ c² per (b, c) over H, W (fast inner reductions; var_mean over (0, 2, 3) is ~40x
+        # slower on CPU), combined over the batch in float64
+        n = c.shape[0] * c.shape[2] * c.shape[3]
+        mean = c.sum((2, 3)).double().sum(0) / n  # (C,)
+        var = (torch.linalg.vector_norm(c, dim=(2, 3)).double().square().sum(0) / n - mean.square()).clamp_min(0)
     else:
-        var, mean = bn.running_var, bn.running_mean
+        var, mean = bn.running_var.double(), bn.running_mean.double()
     A = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         A = A * bn.weight
@@ -137,15 +185,9 @@ class _ScaleByExcitation(torch.autograd.Function):
     @once_differentiable  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
         x, z, s, *params = ctx.saved_tensors
-        ds = channel_dot(g, x)  # dL/ds = Σ_hw g x, (B, C, 1, 1)
-        with torch.enable_grad():
-            z_ = z.detach().requires_grad_()
-            s_ = ctx.excite(z_)
-            wanted = [z_, *(p for p in params if p.requires_grad)]
-            got = iter(torch.autograd.grad(s_, wanted, ds, allow_unused=True))
-        dz = next(got)
+        dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_dot(g, x))  # dL/ds = Σ_hw g x
         grad_x = torch.addcmul(dz / (x.shape[2] * x.shape[3]), g, s)  # g s + dz / HW, (B, C, H, W)
-        return (grad_x, None, *(next(got) if p.requires_grad else None for p in params))
+        return grad_x, None, *dparams
 
 
 def can_recompute(block: nn.Module, x: torch.Tensor) -> bool:
@@ -179,11 +221,14 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     ``source=(bn, c)`` says ``x == bn(c)``: backward then keeps ``c`` (which ``bn`` keeps anyway)
     instead of ``shortcut`` - for units whose shortcut is computed (a downsample), not their input.
     """
-    a = attn.logits(x)  # (B, C, 1, 1), the gate's input
-    grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or shortcut.requires_grad)
-    if not grad or _tracing() or not isinstance(attn.gate, nn.Sigmoid):
-        return _plain(x, attn.gate(a), shortcut)
-    if source is None or not isinstance(source[0], nn.BatchNorm2d) or observed(source[0]):
-        return _SigmoidScaleAddReLU.apply(x, a, shortcut)
-    bn, c = source
-    return _SigmoidScaleAddReLU.apply(x, a, shortcut, c, *bn_affine(bn, c))
+    params = tuple(attn.parameters())
+    grad = torch.is_grad_enabled() and (x.requires_grad or shortcut.requires_grad
+                                        or any(p.requires_grad for p in params))
+    if not grad or _tracing() or not isinstance(attn.gate, nn.Sigmoid) or getattr(attn, "pool", "avg") != "avg":
+        return _plain(x, attn.gate(attn.logits(x)), shortcut)
+    keep = (None, None, None)
+    if source is not None and isinstance(source[0], nn.BatchNorm2d) and not observed(source[0]):
+        keep = (source[1], *bn_affine(*source))
+    if torch.compiler.is_compiling() or observed(*attn.modules()):  # no recompute: traceable, hooks fire once
+        return _SigmoidScaleAddReLU.apply(x, attn.logits(x), shortcut, *keep)
+    return _ExciteScaleAddReLU.apply(x, shortcut, *keep, attn.pooled_logits, *params)

@@ -69,7 +69,7 @@ class SqueezeExcite(nn.Module):
         self.fc2 = layer(self.hidden, channels, bias=bias)
         self.gate = create_gate(gate)
 
-    def _fcs(self, z: torch.Tensor) -> torch.Tensor:
+    def pooled_logits(self, z: torch.Tensor) -> torch.Tensor:
         """W2 δ(W1 z) for the pooled z (B, C, 1, 1); same shape out."""
         b = z.shape[0]
         if self.fc_kind == "linear":
@@ -79,11 +79,11 @@ class SqueezeExcite(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's input W2 δ(W1 z), shaped (B, C, 1, 1) (``senet.layers.fused`` applies the gate)."""
         check_input(x, self.channels, type(self).__name__)
-        return self._fcs(global_pool(x, self.pool))
+        return self.pooled_logits(global_pool(x, self.pool))
 
     def excite(self, z: torch.Tensor) -> torch.Tensor:
         """s = σ(W2 δ(W1 z)) from the pooled z, (B, C, 1, 1) -> (B, C, 1, 1)."""
-        return self.gate(self._fcs(z))
+        return self.gate(self.pooled_logits(z))
 
     def excitation(self, x: torch.Tensor) -> torch.Tensor:
         """The scale s, shaped (B, C, 1, 1)."""
