@@ -56,8 +56,14 @@ def interleave(steps: dict[str, Callable[[], object]], *, rounds: int, iters: in
 
 
 def ratio(num: list[float], den: list[float]) -> dict[str, float]:
-    """sum(num) / sum(den) over paired rounds with its 95% bootstrap interval."""
-    return paired_ratio_ci(num, den)
+    """sum(num) / sum(den) over paired rounds with its 95% bootstrap interval (``senet.bench``), and the
+    median of the per-round ratios with a bootstrap interval (robust to a round hit by other load)."""
+    out = paired_ratio_ci(num, den)
+    per_round = np.asarray(num) / np.asarray(den)
+    idx = np.random.default_rng(0).integers(0, per_round.size, size=(2000, per_round.size))
+    boot = np.median(per_round[idx], axis=1)
+    return {**out, "median_round_ratio": float(np.median(per_round)),
+            "median_ci_low": float(np.percentile(boot, 2.5)), "median_ci_high": float(np.percentile(boot, 97.5))}
 
 
 def median_ms(rounds: list[float]) -> float:
@@ -65,7 +71,8 @@ def median_ms(rounds: list[float]) -> float:
 
 
 def fmt(r: dict) -> str:
-    return f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    return (f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (median of rounds "
+            f"{r['median_round_ratio']:.3f} [{r['median_ci_low']:.3f}, {r['median_ci_high']:.3f}])")
 
 
 def save(target: str, config: dict, results: dict, load_before: tuple) -> Path:
@@ -216,10 +223,8 @@ def bench_memory(args) -> dict:
         out["se_resnet50_unfused"] = activation_bytes(se, x)
     out["timm_resnet50"] = activation_bytes(timm.create_model("resnet50"), x)
     out["timm_seresnet50"] = activation_bytes(timm.create_model("seresnet50"), x)
-    res = {"batch": x.shape[0], "bytes": out,
-           "se_over_baseline": {k: out[f"{p}se{k}"] / out[base] - 1 for k, p, base in [
-               ("_resnet50", "", "resnet50"), ("_resnet50_unfused", "", "resnet50"),
-               ("resnet50", "timm_", "timm_resnet50")]}}
+    pairs = [("se_resnet50", "resnet50"), ("se_resnet50_unfused", "resnet50"), ("timm_seresnet50", "timm_resnet50")]
+    res = {"batch": x.shape[0], "bytes": out, "se_over_baseline": {f"{a} / {b}": out[a] / out[b] - 1 for a, b in pairs}}
     for k, v in out.items():
         print(f"{k}: {v / 2**20:.1f} MiB")
     print({k: f"{100 * v:+.2f}%" for k, v in res["se_over_baseline"].items()})

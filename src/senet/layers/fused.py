@@ -221,9 +221,8 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     ``source=(bn, c)`` says ``x == bn(c)``: backward then keeps ``c`` (which ``bn`` keeps anyway)
     instead of ``shortcut`` - for units whose shortcut is computed (a downsample), not their input.
     """
-    params = tuple(attn.parameters())
-    grad = torch.is_grad_enabled() and (x.requires_grad or shortcut.requires_grad
-                                        or any(p.requires_grad for p in params))
+    params = tuple(attn.parameters()) if torch.is_grad_enabled() else ()
+    grad = bool(params) and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))
     if not grad or _tracing() or not isinstance(attn.gate, nn.Sigmoid) or getattr(attn, "pool", "avg") != "avg":
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     keep = (None, None, None)
