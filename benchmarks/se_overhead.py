@@ -117,19 +117,30 @@ def bench_block(args) -> dict:
     results = {"dram": bandwidth(2**26, args), "shapes": {}}
     for c, hw in SE_SHAPES:
         x = torch.randn(args.batch, c, hw, hw)
-        t = interleave(block_steps(create_attention("se_released", c), x), rounds=args.rounds, iters=args.iters,
-                       warmup=args.warmup)
+        se = create_attention("se_released", c)
+        t = interleave(block_steps(se, x), rounds=args.rounds, iters=args.iters, warmup=args.warmup)
         floor = [m + cl for m, cl in zip(t["mean"], t["clone"], strict=True)]
         nbytes = x.numel() * 4
+        # second view, not the target's floor: add the FC weights' traffic (read W forward; read W and
+        # write dW backward) priced at this tensor's measured read and copy rates
+        w = sum(p.numel() * p.element_size() for p in se.parameters())
+        w_fwd = [w / nbytes * m for m in t["mean"]]
+        w_bwd = [w / nbytes * cl for cl in t["clone"]]
         results["shapes"][f"{c}x{hw}x{hw}"] = {
             "shape": list(x.shape), "bytes": nbytes, **{f"{k}_ms": median_ms(v) for k, v in t.items()},
             "read_GBps": nbytes / np.median(t["mean"]) / 1e9, "copy_GBps": 2 * nbytes / np.median(t["clone"]) / 1e9,
             "fwd_vs_floor": ratio(t["fwd"], floor), "fwd_bwd_vs_floor": ratio(t["fwd_bwd"], [2 * f for f in floor]),
+            "weight_bytes": w,
+            "fwd_vs_floor_with_weights": ratio(t["fwd"], [f + a for f, a in zip(floor, w_fwd, strict=True)]),
+            "fwd_bwd_vs_floor_with_weights": ratio(t["fwd_bwd"], [2 * f + a + b for f, a, b in
+                                                                  zip(floor, w_fwd, w_bwd, strict=True)]),
         }
         r = results["shapes"][f"{c}x{hw}x{hw}"]
         print(f"{tuple(x.shape)}: mean {r['mean_ms']:.2f} clone {r['clone_ms']:.2f} fwd {r['fwd_ms']:.2f} "
               f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms; fwd/floor {fmt(r['fwd_vs_floor'])}, "
-              f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}")
+              f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}; with FC weights: fwd "
+              f"{r['fwd_vs_floor_with_weights']['ratio']:.3f}, "
+              f"fwd+bwd {r['fwd_bwd_vs_floor_with_weights']['ratio']:.3f}")
     return results
 
 
@@ -232,16 +243,37 @@ def bench_memory(args) -> dict:
 
 
 def bench_onnx(args) -> dict:
-    """se_resnet50, batch 1, 224x224: onnxruntime session (threads = torch's) vs PyTorch eager."""
-    model = create_model("se_resnet50").eval()
+    """se_resnet50, batch 1, 224x224: onnxruntime session (threads = torch's) vs PyTorch eager; beside it
+    the same weights with 1x1-conv FCs in onnxruntime, and resnet50 both ways (what the convolutions allow)."""
+    from senet.convert import load_into
+    from senet.export import export_to_temp_onnx, onnx_session
+
+    se = create_model("se_resnet50").eval()
+    se_conv = create_model("se_resnet50", attn_kwargs={"fc": "conv"}).eval()
+    load_into(se_conv, se.state_dict())  # Linear (C, h) -> 1x1 conv (C, h, 1, 1): same weights
+    plain = create_model("resnet50").eval()
     x = torch.randn(1, 3, 224, 224)
-    steps = {"torch_eager": make_step(model, x, train=False, runtime="torch", input_size=(3, 224, 224)),
-             "onnxruntime": make_step(model, x, train=False, runtime="onnxruntime", input_size=(3, 224, 224))}
+
+    def ort(model):
+        sess = onnx_session(export_to_temp_onnx(model, (3, 224, 224)))
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        return lambda: sess.run(None, feed)
+    steps = {"torch_eager": make_step(se, x, train=False, runtime="torch", input_size=(3, 224, 224)),
+             "onnxruntime": ort(se), "onnxruntime_conv_fc": ort(se_conv),
+             "resnet50_torch_eager": make_step(plain, x, train=False, runtime="torch", input_size=(3, 224, 224)),
+             "resnet50_onnxruntime": ort(plain)}
     t = interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
-    speedup = ratio(t["torch_eager"], t["onnxruntime"])
-    print(f"torch {median_ms(t['torch_eager']):.1f} ms, onnxruntime {median_ms(t['onnxruntime']):.1f} ms, "
-          f"speed-up (torch / ort) {fmt(speedup)}")
-    return {**{f"{k}_ms": median_ms(v) for k, v in t.items()}, "speedup_torch_over_ort": speedup}
+    out = {**{f"{k}_ms": median_ms(v) for k, v in t.items()},
+           "speedup_torch_over_ort": ratio(t["torch_eager"], t["onnxruntime"]),
+           "speedup_torch_over_ort_conv_fc": ratio(t["torch_eager"], t["onnxruntime_conv_fc"]),
+           "resnet50_speedup_torch_over_ort": ratio(t["resnet50_torch_eager"], t["resnet50_onnxruntime"]),
+           "ort_se_overhead": ratio(t["onnxruntime"], t["resnet50_onnxruntime"]),
+           "torch_se_overhead": ratio(t["torch_eager"], t["resnet50_torch_eager"])}
+    print(", ".join(f"{k} {median_ms(v):.1f} ms" for k, v in t.items()))
+    for k, v in out.items():
+        if isinstance(v, dict):
+            print(f"{k}: {fmt(v)}")
+    return out
 
 
 TARGETS = {"block": bench_block, "resnet": bench_resnet, "timm": bench_timm, "memory": bench_memory,
