@@ -2,8 +2,9 @@
 
 SENet (Hu et al., arXiv 1709.01507) adds ~0.1% of ResNet-50's MACs, but its squeeze and scale are
 memory-bound passes over whole activations. One sub-benchmark per target; every one measures its
-subjects interleaved in one process (warmup, then rounds alternating AB, BA, ...) with the
-functions of ``senet.bench``, reports medians and ratios with 95% paired-bootstrap intervals, and
+subjects interleaved in one process (warmup, then rounds alternating AB, BA, ...): networks with
+``senet.bench.measure``, tensors with the same scheme here. It reports medians and ratios with 95%
+paired-bootstrap intervals (``senet.bench.paired_ratio_ci``, plus the median of per-round ratios) and
 writes ``benchmarks/results/se_overhead_<target>.json`` with provenance (config, versions, device,
 threads, git revision) and the load average before and after.
 
@@ -13,7 +14,7 @@ threads, git revision) and the load average before and after.
     memory  4. saved activations of a training step: SE over the baseline
     onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
 
-    python benchmarks/se_overhead.py block --threads 2
+    python benchmarks/se_overhead.py block --threads 1    (commands used: docs/performance.md)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from senet.bench import BenchConfig, Subject, _timed, activation_bytes, make_step, measure, paired_ratio_ci
+from senet.bench import BenchConfig, Subject, activation_bytes, make_step, measure, paired_ratio_ci
 from senet.evaluate import provenance, write_json
 from senet.layers import create_attention
 from senet.layers.fused import reference_path
@@ -43,15 +45,25 @@ SE_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 # ----------------------------------------------------------------------------- measurement
 
 
+def timed(step: Callable[[], object], iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls (CPU: nothing to synchronise)."""
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def interleave(steps: dict[str, Callable[[], object]], *, rounds: int, iters: int, warmup: int) -> dict[str, list]:
     """Per-round mean seconds of every step; the order alternates AB.., ..BA each round."""
     names = list(steps)
     for n in names:
-        _timed(steps[n], CPU, warmup)
+        timed(steps[n], warmup)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            out[n].append(float(np.mean(_timed(steps[n], CPU, iters))))
+            out[n].append(float(np.mean(timed(steps[n], iters))))
     return out
 
 
