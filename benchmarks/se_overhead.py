@@ -295,7 +295,8 @@ TARGETS = {"block": bench_block, "resnet": bench_resnet, "timm": bench_timm, "me
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("target", choices=[*TARGETS, "all"])
-    p.add_argument("--threads", type=int, default=2, help="torch (and onnxruntime) threads, same for all sides")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch (and onnxruntime) threads, same for all sides (1: see docs/performance.md)")
     p.add_argument("--batch", type=int, default=16, help="block: batch of the SE activations")
     p.add_argument("--infer-batch", type=int, nargs="*", default=[1, 16], help="none: skip inference")
     p.add_argument("--train-batch", type=int, nargs="*", default=[16], help="none: skip training")
