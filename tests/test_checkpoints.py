@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from helpers import perturb_bn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -35,18 +36,6 @@ SOURCES = [
     ("torchvision", "resnext50_32x4d", "resnext50_32x4d"),
 ]
 
-
-def perturb_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so a wrong mapping of any BN shows in the logits."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 def build_source(lib: str, name: str, **kwargs) -> nn.Module:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 from torch import nn
 
 import senet
@@ -20,16 +21,7 @@ ALL = list_attentions()
 def _block(name, channels=C, **kw):
     torch.manual_seed(0)
     block = create_attention(name, channels, **kw)
-    # Randomise every parameter and buffer so gates, norms and biases all matter in comparisons.
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.5)
-        for name_, b in block.named_buffers():
-            if name_.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name_.endswith("running_mean"):
-                b.normal_(0, 0.1)
-    return block.eval()
+    return randomize(block, 0.5)  # gates, norms and biases all matter in comparisons
 
 
 # --- the contract, for every registered block -------------------------------------------------

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import randomize
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,18 +20,10 @@ RESNET50 = 25_557_032  # torchvision resnet50, REFERENCE.md
 RESNET50_STAGES = ((256, 3), (512, 4), (1024, 6), (2048, 3))
 
 
+
 def _randomize(module: nn.Module) -> nn.Module:
     """Every parameter and BN statistic random, eval mode, float64, so every weight matters."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.3)
-        for name, b in module.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith("running_mean"):
-                b.normal_(0, 0.1)
-    return module.double().eval()
-
+    return randomize(module, 0.3).double()
 
 def _block(name, channels, **kw):
     return _randomize(create_attention(name, channels, **kw))

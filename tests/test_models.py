@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturb_bn
 from torch import nn
 
 from senet.flops import count_macs, count_params
@@ -26,16 +27,6 @@ def _meta(name: str, **kwargs) -> nn.Module:
     with torch.device("meta"):
         return create_model(name, **kwargs)
 
-
-def _randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics/affine so eval-mode comparisons test the wiring, not BN = identity."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 # --- every registered model ---------------------------------------------------------------------
@@ -183,7 +174,7 @@ def test_placement_matches_figure_5(placement):
     make = stage_attention("se", {"reduction": 2}, None, 1)[0]
     down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
     unit = Bottleneck(8, 4, stride=2, downsample=down, make_attn=make, placement=placement).eval()
-    _randomize_bn(unit)
+    perturb_bn(unit)
     x = torch.randn(2, 8, 6, 6)
     torch.testing.assert_close(unit(x), _reference_bottleneck(unit, x, placement))
 
@@ -227,7 +218,7 @@ def _load_by_name(ours: nn.Module, theirs: dict, rename: list[tuple[str, str]]) 
 def test_torchvision_resnet_state_dict_loads_as_is():
     tv = pytest.importorskip("torchvision")
     reference = tv.models.resnet18(num_classes=10).eval()
-    _randomize_bn(reference)
+    perturb_bn(reference)
     ours = create_model("resnet18", num_classes=10).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(1, 3, 64, 64)
@@ -261,7 +252,7 @@ def test_same_logits_as_timm(variant):
                   ("layer0.bn2", "conv1.4"), ("layer0.conv3", "conv1.6"), ("layer0.bn3", "bn1"),
                   ("se_module", "attn"), ("last_linear", "fc")]
     reference.eval(), ours.eval()
-    _randomize_bn(reference)
+    perturb_bn(reference)
     _load_by_name(ours, reference.state_dict(), rename)
     x = torch.randn(1, 3, 67, 67)  # odd size: the Caffe ceil-mode pool differs from padding 1 here
     torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-4)
@@ -300,7 +291,7 @@ def test_onnx_parity(name, size, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     model = create_model(name, num_classes=10).eval()
-    _randomize_bn(model)
+    perturb_bn(model)
     x = torch.randn(2, 3, size, size)
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"],

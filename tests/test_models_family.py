@@ -3,6 +3,7 @@ paper counts (SENet Tables 2-3, REFERENCE.md), hand formulas, and the same logit
 
 import pytest
 import torch
+from helpers import perturb_bn
 from torch import nn
 
 import senet
@@ -21,17 +22,6 @@ def _meta(name: str, **kwargs) -> nn.Module:
 def _macs(name: str, size: int = 224) -> float:
     return count_macs(_meta(name), (3, size, size), device="meta") / 1e9
 
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so equal logits test the wiring."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
 
 
 def _se_params(channels: list[int], r: int = 16) -> int:
@@ -190,7 +180,7 @@ def test_features_only(name, size, shapes):
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"])
 def test_torchvision_mobilenet_checkpoint_gives_equal_logits(name, tmp_path):
     tv = pytest.importorskip("torchvision")
-    reference = _randomize_bn(tv.models.get_model(name, weights=None, num_classes=10))
+    reference = perturb_bn(tv.models.get_model(name, weights=None, num_classes=10))
     path = tmp_path / f"{name}.pth"
     torch.save(reference.state_dict(), path)
     ours = senet.create_model(checkpoint=path).eval()  # the network and num_classes detected from the keys
@@ -213,7 +203,7 @@ def test_torchvision_mobilenet_v2_into_eca_mobilenet_v2_reports_only_attention(t
 
 def test_torchvision_vgg16_bn_checkpoint(tmp_path):
     tv = pytest.importorskip("torchvision")
-    reference = _randomize_bn(tv.models.vgg16_bn(weights=None, num_classes=10))
+    reference = perturb_bn(tv.models.vgg16_bn(weights=None, num_classes=10))
     path = tmp_path / "vgg16_bn.pth"
     torch.save(reference.state_dict(), path)
     se = senet.create_model("se_vgg16_bn", checkpoint=path, num_classes=10, warn=False)
@@ -232,7 +222,7 @@ def test_torchvision_vgg16_bn_checkpoint(tmp_path):
 
 def test_timm_inception_resnet_v2_gives_equal_logits():
     timm = pytest.importorskip("timm")
-    reference = _randomize_bn(timm.create_model("inception_resnet_v2", num_classes=10))
+    reference = perturb_bn(timm.create_model("inception_resnet_v2", num_classes=10))
     ours = create_model("inception_resnet_v2", num_classes=10).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(1, 3, 75, 75)  # the smallest valid input
@@ -246,7 +236,7 @@ def test_se_vgg16_features_onnx_parity(tmp_path):
     """The VGG family's ONNX check (its 120M-parameter classifier is left out; the SE blocks are in)."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    model = _randomize_bn(create_model("se_vgg16_bn", features_only=True))
+    model = perturb_bn(create_model("se_vgg16_bn", features_only=True))
     x = torch.randn(2, 3, 32, 32)
     path = tmp_path / "se_vgg16_bn.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],

@@ -1,0 +1,31 @@
+"""Shared test helpers: weights made non-trivial so comparisons test the wiring, not identities."""
+
+import torch
+from torch import nn
+
+
+def perturb_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BN statistics and affine terms (eval mode), so a wrong mapping of any BN shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def randomize(module: nn.Module, std: float) -> nn.Module:
+    """Every parameter ~ N(0, std) and every BN statistic random (eval mode), so every weight matters."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+        for name, b in module.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+    return module.eval()
