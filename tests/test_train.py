@@ -241,6 +241,14 @@ def test_recipe_options_run_and_write_files(tmp_path):
     assert header["extra"]["train"]["config"]["optimizer"] == "adamw"
     ema = build_from_checkpoint(out / "ema.safetensors")
     assert isinstance(ema, nn.Module)
+    # TensorBoard (in the pinned development set): one scalar per metric and epoch, equal to the history's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train_loss")
+    assert [e.step for e in losses] == [1, 2]
+    assert [e.value for e in losses] == pytest.approx([h["train_loss"] for h in r.history], rel=1e-6)
     with pytest.raises(ValueError, match="already holds a run"):
         fit(cfg, model=m)
 
