@@ -388,6 +388,8 @@ def test_unknown_name_and_missing_path():
         create_datasets("mnist")
     with pytest.raises(ValueError, match="imagefolder needs a path"):
         create_datasets("imagefolder")
+    with pytest.raises(FileNotFoundError, match="no directory at '/no/such/tree'; give an ImageFolder tree"):
+        create_datasets("/no/such/tree")
     with pytest.raises(ValueError, match="val_fraction=1.5"):
         create_datasets("digits", val_fraction=1.5)
     assert "digits" in list_datasets()

@@ -54,6 +54,9 @@ def create_datasets(name: str = "digits", root: str | None = None, *, image_size
         from .folder import load_image_folder
 
         return load_image_folder(Path(path), image_size)
+    if isinstance(key, str) and ("/" in key or key.startswith(".")):  # meant as a path, but there is none
+        raise FileNotFoundError(f"no directory at {key!r}; give an ImageFolder tree (train/<class>/, val/<class>/) "
+                                f"or one of {list(_NAMES)}")
     raise ValueError(f"unknown data set {name!r}; choose one of {list(_NAMES)}")
 
 
