@@ -127,3 +127,80 @@ def test_cli_analyze_and_prune_on_digits(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), original(x), atol=1e-5, rtol=0)
     assert main(["prune", str(ckpt), *common, "--blocks", "nope.attn"]) == 2
+
+
+# ----------------------------------------------------------------------------- every family, found by type
+
+# Expected {block name: channels} from the papers' tables, not from the code.
+_V3_SMALL_SE = [16, 96, 240, 240, 120, 144, 288, 576, 576]  # MobileNetV3 Table 2: "exp size" of the SE rows
+# ShuffleNet Table 1 (g = 3): 240 / 480 / 960 output channels over 4 / 8 / 4 units; SE gates the residual
+# branch, whose width in each stage's stride-2 unit is out - in (in: 24 after the stem, then 240, 480).
+_SHUFFLE_G3 = [240 - 24] + [240] * 3 + [480 - 240] + [480] * 7 + [960 - 480] + [960] * 3
+# BN-Inception (Ioffe & Szegedy, arXiv 1502.03167, Fig. 5 as released): 3a..3c, 4a..4e, 5a, 5b outputs
+_BNINCEPTION = [256, 320, 576, 576, 576, 608, 608, 1056, 1024, 1024]
+FAMILY_BLOCKS = [
+    ("mobilenet_v3_small", {"num_classes": 4}, 32,  # SE in torchvision's slot, not at `attn`
+     dict(zip(["features.1.block.1"] + [f"features.{i}.block.2" for i in range(4, 12)], _V3_SMALL_SE, strict=True))),
+    ("se_shufflenet_v1_g3", {"num_classes": 4}, 32,
+     dict(zip([f"stage{s}.{u}.attn" for s, n in ((2, 4), (3, 8), (4, 4)) for u in range(n)], _SHUFFLE_G3,
+              strict=True))),
+    ("se_bninception", {"num_classes": 4}, 64,
+     dict(zip([f"stage{s}.{u}.attn" for s, n in ((3, 2), (4, 5), (5, 3)) for u in range(n)], _BNINCEPTION,
+              strict=True))),
+    # the 102M-weight classifier is not what is tested: its features only (SE after each of the 5 blocks)
+    ("se_vgg16_bn", {"features_only": True}, 32,
+     {f"features.{i}.attn": c for i, c in zip((5, 12, 22, 32, 42), (64, 128, 256, 512, 512), strict=True)}),
+]
+
+
+def test_nested_blocks_are_part_of_the_outer_one():
+    # scSE holds an SE (cse) and an sSE (sse), both registered types: one block per unit, not three
+    blocks = attention_blocks(create_model("resnet20", attn="scse"))
+    assert list(blocks) == [f"layer{s}.{u}.attn" for s in (1, 2, 3) for u in range(3)]
+    assert {type(b).__name__ for b in blocks.values()} == {"SpatialChannelSE"}
+
+
+@pytest.mark.parametrize("name,kwargs,size,expected", FAMILY_BLOCKS, ids=[f[0] for f in FAMILY_BLOCKS])
+def test_analyze_finds_every_block_of_each_family(name, kwargs, size, expected):
+    model = create_model(name, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    rec = record_excitations(model, [(torch.randn(4, 3, size, size, generator=g), torch.arange(4) % 2)])
+    assert {n: e.shape for n, e in rec.excitations.items()} == {n: (4, c) for n, c in expected.items()}
+    assert not rec.skipped and list(rec.excitations) == list(expected)  # network order
+    stats = [block_stats(n, e, rec.labels, 2) for n, e in rec.excitations.items()]
+    assert all(0 <= s.saturation <= 1 and math.isfinite(s.variation) for s in stats)
+
+
+def test_analyze_and_prune_attached_torchvision_resnet18():
+    import torchvision
+
+    from senet import attach
+
+    model, _ = attach(torchvision.models.resnet18(num_classes=3), "se", input_size=(3, 32, 32))
+    for p in model.parameters():  # gates g = 0.5: the wrapper's scale 1 + g (s - 1) is not all ones
+        if p.dim() == 0:
+            p.data.fill_(0.5)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rec = record_excitations(model, [(x, torch.arange(4) % 3)])
+    widths = {n.removesuffix(".attached"): e.shape[1] for n, e in rec.excitations.items()}
+    assert widths == {f"layer{s}.{u}.bn2": c for s, c in ((1, 64), (2, 128), (3, 256), (4, 512)) for u in range(2)}
+    # GatedExcitation(u) = u * (1 + g (s - 1)): checked against the forward for every block
+    assert all(n.endswith(".attached") for n in rec.excitations) and all(rec.scale_form.values())
+    e = rec.excitations["layer1.0.bn2.attached"]
+    assert ((e - 1).abs() > 1e-4).any() and ((e > 0.5) & (e < 1.5)).all()  # 1 + 0.5 (s - 1), s in (0, 1)
+    # each wrapper's constant scale folds exactly into bn2 (prune_blocks checks the logits to 1e-5)
+    done = prune_blocks(model, {n: e.mean(0) for n, e in rec.excitations.items()}, x)
+    assert [(d.action, d.into) for d in done] == [("folded", n.removesuffix(".attached")) for n in rec.excitations]
+
+
+def test_prune_folds_mobilenet_v3_only_where_exact():
+    model = create_model("mobilenet_v3_small", num_classes=4).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rec = record_excitations(model, [(x, torch.arange(4))])
+    done = {d.name: d for d in prune_blocks(model, {n: e.mean(0) for n, e in rec.excitations.items()}, x)}
+    # the first SE row follows dw conv + BN + ReLU: s̄ relu(v) = relu(s̄ v) folds into the BN;
+    # the others follow hard-swish, which no constant commutes with: removed, not folded
+    assert (done["features.1.block.1"].action, done["features.1.block.1"].into) == ("folded", "features.1.block.0.1")
+    assert all(d.action == "identity" for n, d in done.items() if n != "features.1.block.1")
+    assert not any(isinstance(m, nn.Module) and type(m).__name__ == "SqueezeExcite" for m in model.modules())

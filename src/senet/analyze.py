@@ -1,6 +1,6 @@
 """`senet analyze`: what the excitations of a trained network do (SENet, Hu et al., arXiv 1709.01507, Sec. 7.2).
 
-Every attention block (a module at attribute ``attn`` that is not ``nn.Identity``) is hooked; its
+Every attention block (``senet.layers.attention_blocks``: found by type, in any slot) is hooked; its
 ``excitation(x)`` is recorded for every image as a vector ``e`` (SE: the scale s, (B, C); maps with a
 spatial extent are averaged over H, W; SK's (B, M, C, 1, 1) is flattened to (B, M*C)). Per block:
 
@@ -24,14 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from senet.layers import attention_blocks
+
 SATURATION_BAND = (0.05, 0.95)  # a gate value outside this band counts as saturated
 DEFAULT_THRESHOLD = 0.02  # V below this flags a block as nearly constant (see module docstring)
 
 
-def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """``{qualified name: block}`` for every module at an attribute named ``attn`` that is not Identity."""
-    return {name: m for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "attn" and not isinstance(m, nn.Identity)}
+def _has_excitation(block: nn.Module) -> bool:
+    # a wrapper (senet.attach's GatedExcitation) excites through the block it holds
+    inner = getattr(block, "block", block)
+    return callable(getattr(block, "excitation", None)) and callable(getattr(inner, "excitation", None))
 
 
 def _per_input(e: torch.Tensor) -> torch.Tensor:
@@ -56,12 +58,12 @@ def record_excitations(model: nn.Module, loader, *, device: torch.device | str =
     """Run ``model`` (eval mode) over ``loader`` and record each attention block's excitation."""
     blocks = attention_blocks(model)
     if not blocks:
-        raise ValueError("the model has no attention blocks (no non-Identity `attn` modules); "
+        raise ValueError("the model has no attention blocks (no module of a registered attention type); "
                          "analyze a network built with attention, e.g. se_resnet20")
     store: dict[str, list[torch.Tensor]] = {n: [] for n in blocks}
     scale_form: dict[str, bool] = {}
     skipped = {n: f"{type(b).__name__} has no excitation(x)" for n, b in blocks.items()
-               if not callable(getattr(b, "excitation", None))}
+               if not _has_excitation(b)}
 
     def hook_for(name: str):
         def hook(module: nn.Module, args, out: torch.Tensor) -> None:

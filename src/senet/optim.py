@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -23,27 +22,17 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from senet.layers import get_attention, list_attentions
-from senet.surgery import GatedExcitation
+from senet.layers import is_attention as senet_is_attention
 
 # Foreign attention blocks (timm's SEModule/EcaModule/CbamModule, torchvision's SqueezeExcitation ...).
 _ATTN_NAME = re.compile(r"squeeze|excit|^se(module|layer|block)?$|semodule|^eca|cbam|^gc(module|block)",
                         re.IGNORECASE)
 
 
-@functools.lru_cache(maxsize=1)
-def _senet_attention_types() -> tuple[type, ...]:
-    found = []
-    for name in list_attentions():
-        block = get_attention(name)
-        found.append(block if isinstance(block, type) else type(block(16)))  # presets build a class
-    return tuple(dict.fromkeys([*found, GatedExcitation]))  # attach's wrapper: its gate g is attention too
-
-
 def is_attention(module: nn.Module) -> bool:
-    """True for an attention block: a registered senet block, ``senet.attach``'s ``GatedExcitation``, or a
-    foreign one named like one."""
-    return isinstance(module, _senet_attention_types()) or bool(_ATTN_NAME.search(type(module).__name__))
+    """True for an attention block: a senet one (``senet.layers.is_attention``: a registered block or
+    ``senet.attach``'s ``GatedExcitation``), or a foreign one named like one."""
+    return senet_is_attention(module) or bool(_ATTN_NAME.search(type(module).__name__))
 
 
 def attention_params(model: nn.Module) -> set[int]:

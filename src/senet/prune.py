@@ -58,9 +58,13 @@ class ConstantScale(nn.Module):
 
 def _trace_unit(model: nn.Module, attn_name: str, x: torch.Tensor):
     """Every call of the unit's leaf modules (not the block's own): [(name, module, input, output)] in call
-    order, the index of the first call after the block started, and the block's input."""
+    order, the index of the first call after the block started, and the block's input.
+
+    A module whose only child is the block (``senet.attach`` hangs ``attached`` off the layer it follows)
+    counts as a leaf, the unit itself included; its hook runs first, so it sees the output the block gets."""
     unit_name, _, leaf = attn_name.rpartition(".")
     unit = model.get_submodule(unit_name) if unit_name else model
+    block = model.get_submodule(attn_name)
     calls, seen = [], {}
 
     def leaf_hook(name):
@@ -72,9 +76,9 @@ def _trace_unit(model: nn.Module, attn_name: str, x: torch.Tensor):
         seen.setdefault("input", args[0])
         seen.setdefault("at", len(calls))
 
-    handles = [m.register_forward_hook(leaf_hook(n)) for n, m in unit.named_modules()
-               if n and not list(m.children()) and n != leaf and not n.startswith(leaf + ".")]
-    handles.append(model.get_submodule(attn_name).register_forward_pre_hook(attn_hook))
+    handles = [m.register_forward_hook(leaf_hook(n), prepend=True) for n, m in unit.named_modules()
+               if not [c for c in m.children() if c is not block] and n != leaf and not n.startswith(leaf + ".")]
+    handles.append(block.register_forward_pre_hook(attn_hook))
     try:
         with torch.no_grad():
             model(x)
@@ -99,8 +103,7 @@ def find_fold_target(model: nn.Module, attn_name: str, scale: torch.Tensor, x: t
         affine = isinstance(module, nn.Conv2d) or (isinstance(module, nn.BatchNorm2d) and module.affine)
         others = [n for n, m, i, _ in calls if any(i is t for t in tensors) and not any(m is w for w in walked)]
         if affine and not others and module.weight.shape[0] == scale.numel():
-            unit_name = attn_name.rpartition(".")[0]
-            return f"{unit_name}.{name}" if unit_name else name
+            return ".".join(n for n in (attn_name.rpartition(".")[0], name) if n)
         return None
     return None
 

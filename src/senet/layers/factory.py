@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -72,3 +73,29 @@ def describe_attention(name: str) -> dict[str, str]:
     """``{"name", "summary", "paper", "arxiv"}`` for a registered block."""
     block = get_attention(name)
     return {"name": name, "summary": block.summary, "paper": block.paper, "arxiv": block.arxiv}
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_types() -> tuple[type, ...]:
+    """The classes behind ``_ATTENTIONS``: a preset is resolved to the class it builds (over 16 channels)."""
+    found = [b if isinstance(b, type) else type(b(16)) for b in _ATTENTIONS.values()]
+    return tuple(dict.fromkeys(found))
+
+
+def is_attention(module: nn.Module) -> bool:
+    """True for a registered attention block, or a module whose class sets ``is_attention = True``
+    (how a wrapper outside ``senet.layers`` -- ``senet.attach``'s ``GatedExcitation`` -- says it is one)."""
+    return isinstance(module, _attention_types()) or getattr(type(module), "is_attention", False) is True
+
+
+def attention_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: block}`` for every attention block in ``model`` (``is_attention``), found by type
+    wherever it sits (``attn``, torchvision's MobileNetV3 slot, ``<place>.attached``), in module order.
+
+    Blocks nested inside a found block (scSE's cSE and sSE, a wrapper's inner block) are part of it, not listed.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if is_attention(m) and not any(name.startswith(f"{outer}.") for outer in found):
+            found[name] = m
+    return found

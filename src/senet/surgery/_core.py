@@ -35,6 +35,8 @@ class GatedExcitation(nn.Module):
     ``x · (1 + g (s - 1))``, an interpolation between no attention (g = 0) and the block (g = 1).
     """
 
+    is_attention = True  # senet.layers.is_attention: found by analyze/prune/optim as one block
+
     def __init__(self, block: nn.Module, gain: float = 0.0):
         super().__init__()
         self.block = block
@@ -42,6 +44,12 @@ class GatedExcitation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gain * (self.block(x) - x)
+
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """``1 + g (s - 1)``, the wrapper's own scale for a gating block ``A(x) = x · s(x)``, s its excitation."""
+        if not callable(getattr(self.block, "excitation", None)):
+            raise TypeError(f"{type(self.block).__name__} has no excitation(x)")
+        return 1 + self.gain * (self.block.excitation(x) - 1)
 
 
 @dataclass(frozen=True)
