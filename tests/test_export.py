@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from senet.cli import main
 from senet.export import export_model, load_spec, onnx_session, rewrite_global_pools
+from senet.layers import attention_blocks
 from senet.models import CifarResNet, ResNet, create_model
 
 # One small model per family (extend as families land): name, kwargs, input size, a gate op it must keep.
@@ -21,6 +22,11 @@ FAMILIES = [
     # ImageNet ResNets (se_resnet18 / eca_resnet50 layouts, one unit per stage: full depth is slow to build)
     ("imagenet_basic", {"attn": "se_released", "num_classes": 7}, (3, 32, 32), "Sigmoid"),
     ("imagenet_bottleneck", {"attn": "eca", "num_classes": 5}, (3, 32, 32), "Sigmoid"),
+    # the other families at small inputs; SE in MobileNetV3's torchvision slot, not at `attn`
+    ("mobilenet_v3_small", {"num_classes": 5}, (3, 32, 32), "HardSigmoid"),
+    ("se_mobilenet_v2", {"num_classes": 5}, (3, 32, 32), "Sigmoid"),
+    ("se_shufflenet_v1_g3", {"num_classes": 5}, (3, 32, 32), "Sigmoid"),
+    ("se_bninception", {"num_classes": 5}, (3, 64, 64), "Sigmoid"),
 ]
 
 
@@ -47,8 +53,7 @@ def test_onnx_parity_and_global_pool(tmp_path, name, kwargs, size, gate):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "ReduceMean" not in ops
     # every squeeze and the head's pooling is a GlobalAveragePool (ECA's and SE's squeeze + 1 head)
-    attn = sum(1 for n, _ in model.named_modules() if n.endswith(".attn"))
-    assert ops.count("GlobalAveragePool") == attn + 1
+    assert ops.count("GlobalAveragePool") == len(attention_blocks(model)) + 1
     assert gate in ops
     # dynamic batch: a batch size never seen at export time, checked against eager here
     x = torch.randn(5, *size)
