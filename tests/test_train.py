@@ -341,5 +341,6 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["best.safetensors", "config.json", "last.safetensors", "metrics.csv", "metrics.jsonl", "results.json",
-         STATE_FILE])
+         "tensorboard", STATE_FILE])
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
