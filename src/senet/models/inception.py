@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
-from .registry import register_model
+from .registry import build_variant, register_model
 from .vgg import init_weights
 
 
@@ -273,31 +273,26 @@ _IRV2 = "Inception-v4, Inception-ResNet and the Impact of Residual Connections (
 _SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
 
 
-def _build(cls: type[nn.Module], defaults: dict, kwargs: dict) -> nn.Module:
-    if "attn" in kwargs and kwargs["attn"] != defaults.get("attn"):
-        defaults = {k: v for k, v in defaults.items() if k != "attn_kwargs"}
-    return cls(**{**defaults, **kwargs})
-
 
 @register_model(paper=_BN)
 def bninception(**kwargs) -> BNInception:
     """BN-Inception (SENet Table 2 baseline: 2.03 GFLOPs)."""
-    return _build(BNInception, {}, kwargs)
+    return build_variant(BNInception, {}, kwargs)
 
 
 @register_model(paper=_SENET)
 def se_bninception(**kwargs) -> BNInception:
     """SE-BN-Inception: SE (r = 16, FCs with biases as the Caffe release) after every Inception module."""
-    return _build(BNInception, {"attn": "se_released"}, kwargs)
+    return build_variant(BNInception, {"attn": "se_released"}, kwargs)
 
 
 @register_model(paper=_IRV2, input_size=(3, 299, 299))
 def inception_resnet_v2(**kwargs) -> InceptionResNetV2:
     """Inception-ResNet-v2 at 299x299 (timm ``inception_resnet_v2`` names)."""
-    return _build(InceptionResNetV2, {}, kwargs)
+    return build_variant(InceptionResNetV2, {}, kwargs)
 
 
 @register_model(paper=_SENET, input_size=(3, 299, 299))
 def se_inception_resnet_v2(**kwargs) -> InceptionResNetV2:
     """SE-Inception-ResNet-v2: SE (r = 16, bias-free FCs) on every residual branch."""
-    return _build(InceptionResNetV2, {"attn": "se"}, kwargs)
+    return build_variant(InceptionResNetV2, {"attn": "se"}, kwargs)

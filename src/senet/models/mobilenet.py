@@ -33,7 +33,7 @@ from torch import nn
 from senet.layers import make_divisible
 
 from ._attn import AttnFactory, stage_attention
-from .registry import register_model
+from .registry import build_variant, register_model
 from .vgg import init_weights
 
 ActLayer = Callable[[], nn.Module]
@@ -299,49 +299,44 @@ _ECA = "ECA-Net (Wang et al.), arXiv 1910.03151"
 _ECA_V2 = {"attn": "eca", "attn_kwargs": [{"kernel_size": 1 if c < 96 else 3} for _, c, _, _ in _V2]}
 
 
-def _build(cls: type[nn.Module], defaults: dict, kwargs: dict) -> nn.Module:
-    if "attn" in kwargs and kwargs["attn"] != defaults.get("attn"):
-        defaults = {k: v for k, v in defaults.items() if k != "attn_kwargs"}
-    return cls(**{**defaults, **kwargs})
-
 
 @register_model(paper=_V1_PAPER)
 def mobilenet_v1(**kwargs) -> MobileNetV1:
     """MobileNet 1.0-224 (SENet Table 3 baseline: 569M MACs, 4.2M parameters)."""
-    return _build(MobileNetV1, {}, kwargs)
+    return build_variant(MobileNetV1, {}, kwargs)
 
 
 @register_model(paper=_SENET)
 def se_mobilenet_v1(**kwargs) -> MobileNetV1:
     """SE-MobileNet (SENet Table 3): SE (r = 16, bias-free FCs) after each depthwise-separable block."""
-    return _build(MobileNetV1, {"attn": "se"}, kwargs)
+    return build_variant(MobileNetV1, {"attn": "se"}, kwargs)
 
 
 @register_model(paper=_V2_PAPER)
 def mobilenet_v2(**kwargs) -> MobileNetV2:
     """MobileNetV2 1.0 (torchvision ``mobilenet_v2`` layout)."""
-    return _build(MobileNetV2, {}, kwargs)
+    return build_variant(MobileNetV2, {}, kwargs)
 
 
 @register_model(paper=_SENET)
 def se_mobilenet_v2(**kwargs) -> MobileNetV2:
     """MobileNetV2 with SE (r = 16, bias-free FCs) on each block's output, before the addition."""
-    return _build(MobileNetV2, {"attn": "se"}, kwargs)
+    return build_variant(MobileNetV2, {"attn": "se"}, kwargs)
 
 
 @register_model(paper=_ECA)
 def eca_mobilenet_v2(**kwargs) -> MobileNetV2:
     """ECA-MobileNetV2 (ECA-Net: 72.56 top-1): ECA on each block's output, k = 1 / 3 by width."""
-    return _build(MobileNetV2, _ECA_V2, kwargs)
+    return build_variant(MobileNetV2, _ECA_V2, kwargs)
 
 
 @register_model(paper=_V3_PAPER)
 def mobilenet_v3_large(**kwargs) -> MobileNetV3:
     """MobileNetV3-Large 1.0 with its hard-sigmoid SE (torchvision ``mobilenet_v3_large`` layout)."""
-    return _build(MobileNetV3, {"variant": "large"}, kwargs)
+    return build_variant(MobileNetV3, {"variant": "large"}, kwargs)
 
 
 @register_model(paper=_V3_PAPER)
 def mobilenet_v3_small(**kwargs) -> MobileNetV3:
     """MobileNetV3-Small 1.0 with its hard-sigmoid SE (torchvision ``mobilenet_v3_small`` layout)."""
-    return _build(MobileNetV3, {"variant": "small"}, kwargs)
+    return build_variant(MobileNetV3, {"variant": "small"}, kwargs)

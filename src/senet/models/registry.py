@@ -58,3 +58,11 @@ def model_info(name: str) -> ModelInfo:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build the model registered as ``name``; ``kwargs`` go to its builder (``num_classes``, ``attn``...)."""
     return model_info(name).builder(**kwargs)
+
+
+def build_variant(cls: Callable[..., nn.Module], defaults: dict, kwargs: dict) -> nn.Module:
+    """``cls(**defaults, **kwargs)`` for a registered variant; a caller's own ``attn`` drops the variant's
+    ``attn_kwargs`` (they belong to the variant's attention, e.g. SE's reduction, not to the new one)."""
+    if "attn" in kwargs and kwargs["attn"] != defaults.get("attn"):
+        defaults = {k: v for k, v in defaults.items() if k != "attn_kwargs"}
+    return cls(**{**defaults, **kwargs})

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
-from .registry import register_model
+from .registry import build_variant, register_model
 from .vgg import init_weights
 
 # groups -> output channels of stages 2, 3, 4 at width 1x: ShuffleNet Table 1.
@@ -118,19 +118,14 @@ _SHUFFLE = "ShuffleNet (Zhang et al.), arXiv 1707.01083"
 _SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
 
 
-def _build(defaults: dict, kwargs: dict) -> ShuffleNetV1:
-    if "attn" in kwargs and kwargs["attn"] != defaults.get("attn"):
-        defaults = {k: v for k, v in defaults.items() if k != "attn_kwargs"}
-    return ShuffleNetV1(**{**defaults, **kwargs})
-
 
 @register_model(paper=_SHUFFLE)
 def shufflenet_v1_g3(**kwargs) -> ShuffleNetV1:
     """ShuffleNet 1x, g = 3 (Table 1; SENet Table 3 baseline 0.140 GFLOPs, 1.8M parameters)."""
-    return _build({"groups": 3}, kwargs)
+    return build_variant(ShuffleNetV1, {"groups": 3}, kwargs)
 
 
 @register_model(paper=_SENET)
 def se_shufflenet_v1_g3(**kwargs) -> ShuffleNetV1:
     """SE-ShuffleNet 1x (g = 3): SE (r = 16, bias-free FCs) on each unit's branch (SENet Table 3)."""
-    return _build({"groups": 3, "attn": "se"}, kwargs)
+    return build_variant(ShuffleNetV1, {"groups": 3, "attn": "se"}, kwargs)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ._attn import AttnFactory, stage_attention
-from .registry import register_model
+from .registry import build_variant, register_model
 
 # Conv widths of the five blocks, each followed by a 2x2 max-pool: VGG paper Table 1, column D.
 _VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -135,31 +135,26 @@ _VGG = "Very Deep Convolutional Networks for Large-Scale Image Recognition (Simo
 _SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
 
 
-def _build(defaults: dict, kwargs: dict) -> VGG:
-    if "attn" in kwargs and kwargs["attn"] != defaults.get("attn"):
-        defaults = {k: v for k, v in defaults.items() if k != "attn_kwargs"}
-    return VGG(**{**defaults, **kwargs})
-
 
 @register_model(paper=_VGG)
 def vgg16(**kwargs) -> VGG:
     """VGG-16 (torchvision ``vgg16`` layout). Keyword arguments: see ``VGG``."""
-    return _build({}, kwargs)
+    return build_variant(VGG, {}, kwargs)
 
 
 @register_model(paper=_VGG)
 def vgg16_bn(**kwargs) -> VGG:
     """VGG-16 with BN after every conv (torchvision ``vgg16_bn`` layout; SENet Table 2's baseline)."""
-    return _build({"batch_norm": True}, kwargs)
+    return build_variant(VGG, {"batch_norm": True}, kwargs)
 
 
 @register_model(paper=_SENET)
 def se_vgg16(**kwargs) -> VGG:
     """SE-VGG16: SE (r = 16, bias-free Linear FCs) after each block's last conv + ReLU."""
-    return _build({"attn": "se"}, kwargs)
+    return build_variant(VGG, {"attn": "se"}, kwargs)
 
 
 @register_model(paper=_SENET)
 def se_vgg16_bn(**kwargs) -> VGG:
     """SE-VGG16 with BN (SENet Table 2: 15.48 GFLOPs vs 15.47)."""
-    return _build({"batch_norm": True, "attn": "se"}, kwargs)
+    return build_variant(VGG, {"batch_norm": True, "attn": "se"}, kwargs)
