@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -245,7 +245,3 @@ def apply_freeze(model: nn.Module, stage: int, *, last_stages: int = 1) -> list[
         p.requires_grad_(id(p) in trainable)
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and not any(p.requires_grad for p in m.parameters(recurse=False))]
-
-
-def trainable_count(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params if p.requires_grad)
