@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from senet.bench import activation_bytes
-from senet.layers import create_attention
+from senet.layers import create_attention, fused
 from senet.layers.fused import (
     _ExciteScaleAddReLU,
     _SigmoidScaleAddReLU,
@@ -21,7 +21,9 @@ from senet.layers.fused import (
     channel_dot,
     reference_path,
     scale_add_relu,
+    squeeze_through_conv,
 )
+from senet.models import _attn
 from senet.models.resnet import BasicBlock, Bottleneck, ResNet
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -282,3 +284,102 @@ def test_block_under_torch_compile_matches_eager():
     got = _step(torch.compile(block, backend="aot_eager", fullgraph=True), x, params=block)
     want = _step(copy.deepcopy(block), x)
     _assert_same(got, want, torch.float32)
+
+
+# ----------------------------------------------------------------------------- inference (no autograd)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("through_conv", [False, True], ids=["squeeze_x", "squeeze_through_conv3"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_path_matches_reference(channels_last, through_conv, mode, monkeypatch):
+    # the small net's tensors are below the threshold: force the squeeze through conv3 (or forbid it)
+    monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9 if through_conv else 10**18)
+    taken = []
+    monkeypatch.setattr(_attn, "squeeze_through_conv", lambda *a: taken.append(squeeze_through_conv(*a)) or taken[-1])
+    net = _net("bottleneck", torch.float64, channels_last).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before = x.clone()
+    with getattr(torch, mode)():
+        got = net(x)
+    with torch.no_grad(), reference_path():
+        want = net(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert torch.equal(x, before)
+    assert len(taken) == 4 and all((z is not None) == through_conv for z in taken)
+
+
+def test_plain_resnet_inference_adds_in_place_with_the_same_result():
+    net = _net("bottleneck", torch.float64, False, attn=None).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = net(x)
+        with reference_path():
+            want = net(x)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("attn", ["se_released", None])
+def test_inference_never_writes_into_a_watched_bn_output(attn):
+    net = _net("bottleneck", torch.float32, False, attn=attn).eval()
+    seen = []
+    net.layer1[0].bn3.register_forward_hook(lambda m, a, out: seen.append((out, out.clone())))
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32, 32))
+    (out, copy_at_hook), = seen
+    assert torch.equal(out, copy_at_hook)
+
+
+def test_squeeze_through_conv_by_hand(monkeypatch):
+    monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9)
+    conv, bn = nn.Conv2d(8, 24, 1, bias=True).double(), nn.BatchNorm2d(24).double()
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(-2, 2)
+    bn.bias.data.uniform_(-1, 1)
+    bn.eval()
+    h = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        x = bn(conv(h))
+        # A (W mean h + b) + B written out: A = γ / sqrt(σ² + ε), B = β - μ A
+        A = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        by_hand = (conv.weight[:, :, 0, 0] @ h.mean((2, 3)).T + conv.bias[:, None]).T * A
+        by_hand += bn.bias - bn.running_mean * A
+        got = squeeze_through_conv(conv, h, bn, x)
+    torch.testing.assert_close(got, x.mean((2, 3), keepdim=True), **TOL[torch.float64])
+    torch.testing.assert_close(got.flatten(1), by_hand, **TOL[torch.float64])
+    # where it is not exact (or not 1x1 / one group / eval statistics) it declines
+    for other in (nn.Conv2d(8, 24, 1, stride=2), nn.Conv2d(8, 24, 3, padding=1), nn.Conv2d(8, 24, 1, groups=2)):
+        assert squeeze_through_conv(other.double(), h, bn, x) is None
+    assert squeeze_through_conv(conv, h, nn.BatchNorm2d(24, track_running_stats=False).double().eval(), x) is None
+    assert squeeze_through_conv(conv, h, bn.train(), x) is None
+    monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 2**18)  # the default: these are tiny
+    assert squeeze_through_conv(conv, h, bn.eval(), x) is None
+
+
+def test_fc_hooks_fire_in_inference():
+    # the FCs run as plain ops unless somebody watches them; then as modules, same values
+    net = _net("bottleneck", torch.float64, False).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = []
+    with torch.no_grad():
+        want = net(x)
+        handle = net.layer2[0].attn.fc1.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+        got = net(x)
+        handle.remove()
+    assert seen == [(2, 512 // 16)]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("attn", ["se_released", None])
+def test_inference_leaves_the_units_input_alone(attn, monkeypatch):
+    # an identity shortcut is the caller's tensor: the in-place end may write into BN's output only
+    monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9)
+    make = partial(create_attention, attn) if attn else (lambda c: nn.Identity())
+    unit = Bottleneck(32, 8, downsample=nn.Identity(), make_attn=make).double().eval()
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    before = x.clone()
+    with torch.no_grad():
+        got = unit(x)
+        assert torch.equal(x, before)
+        with reference_path():
+            want = unit(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -35,6 +35,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
@@ -216,6 +217,55 @@ def scale_by_excitation(x: torch.Tensor, excite, params: tuple[torch.Tensor, ...
 
 def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def eager() -> bool:
+    """Plain eager execution: not traced, exported or compiled."""
+    return not (_tracing() or torch.compiler.is_compiling())
+
+
+def inference() -> bool:
+    """Eager, fast path enabled, no autograd: units may write into their own fresh tensors."""
+    return _ENABLED and not torch.is_grad_enabled() and eager()
+
+
+# The squeeze goes through the last 1x1 conv when that reads at least this many fewer elements (1 MiB
+# of float32); below it the few extra tiny ops cost about what the smaller read saves.
+SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**18
+
+
+def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """mean_hw x for ``x = bn(conv(h))``, computed from ``h`` in inference, or None where that does not pay.
+
+    For a 1x1 conv (stride 1, no padding, one group) and BN with running statistics (eval mode),
+    ``mean_hw bn(conv(h)) = A (W mean_hw h + b) + B``: it reads ``h`` (ResNet bottleneck: C/4 channels,
+    ResNeXt 32x4d: C/2) and ``W`` instead of ``x`` - used when that is at least
+    ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` elements fewer. Exact up to float rounding. Returns (B, C, 1, 1).
+    """
+    if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.groups == 1 and h.dim() == 4):
+        return None
+    if not (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None):
+        return None
+    if x.numel() - h.numel() - conv.weight.numel() < SQUEEZE_THROUGH_CONV_MIN_SAVING:
+        return None
+    mean_c = F.linear(h.mean((2, 3)), conv.weight.flatten(1), conv.bias)  # mean_hw conv(h), (B, C)
+    A = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        A = A * bn.weight
+    B = -bn.running_mean * A if bn.bias is None else bn.bias - bn.running_mean * A
+    return torch.addcmul(B, mean_c, A).view(*mean_c.shape, 1, 1)
+
+
+def infer_scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
+                         z: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+    """``relu(attn(x) + shortcut)`` in inference: one ``addcmul`` + ``relu_``, written into ``x`` itself
+    when ``inplace`` (``x`` is a fresh tensor nobody else holds, as the plain ResNet's ``out += identity``);
+    ``z``: the pooled ``mean_hw x`` (B, C, 1, 1) when already known (``squeeze_through_conv``)."""
+    s = attn.gate(attn.logits(x) if z is None else attn.pooled_logits(z))
+    if inplace:
+        return torch.addcmul(shortcut, x, s, out=x).relu_()
+    return _plain(x, s, shortcut)
 
 
 def _plain(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ Every knob the implementations in the wild differ in is an argument (see ``_comm
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._common import (
@@ -22,7 +23,7 @@ from ._common import (
     global_pool,
     hidden_width,
 )
-from .fused import can_recompute, scale_by_excitation
+from .fused import can_recompute, eager, observed, scale_by_excitation
 
 
 class SqueezeExcite(nn.Module):
@@ -74,7 +75,16 @@ class SqueezeExcite(nn.Module):
         b = z.shape[0]
         if self.fc_kind == "linear":
             z = z.flatten(1)  # (B, C)
+            if self._functional():  # the same ops without three module calls (~14 us per block)
+                h = F.linear(z, self.fc1.weight, self.fc1.bias)
+                h = torch.relu(h) if torch.is_grad_enabled() else h.relu_()
+                return F.linear(h, self.fc2.weight, self.fc2.bias).view(b, self.channels, 1, 1)
         return self.fc2(self.act(self.fc1(z))).view(b, self.channels, 1, 1)
+
+    def _functional(self) -> bool:
+        """Plain ``nn.Linear``/``nn.ReLU`` FCs that nobody hooks, in eager mode: call their ops directly."""
+        return (type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and type(self.act) is nn.ReLU
+                and eager() and not observed(self.fc1, self.act, self.fc2))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's input W2 δ(W1 z), shaped (B, C, 1, 1) (``senet.layers.fused`` applies the gate)."""

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from senet.layers import create_attention, list_attentions
-from senet.layers.fused import can_fuse, scale_add_relu
+from senet.layers.fused import (
+    can_fuse,
+    infer_scale_add_relu,
+    inference,
+    observed,
+    scale_add_relu,
+    squeeze_through_conv,
+)
 
 PLACEMENTS = ("standard", "pre", "post", "identity", "after_3x3")
 
@@ -83,14 +90,27 @@ class AttnUnit(nn.Module):
     def _at(self, where: str, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x) if self.attn_placement == where else x
 
-    def _merge(self, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor) -> torch.Tensor:
+    def _merge(self, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
+               conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
         """The unit's end, ``post(act(standard(bn(c)) + shortcut))``. SE at ``standard`` runs fused:
         scale, addition and ReLU in one pass, and nothing the plain unit does not keep is kept for
-        backward but ``s`` and, after a downsample, ``c`` (see ``senet.layers.fused``)."""
+        backward but ``s`` and, after a downsample, ``c`` (see ``senet.layers.fused``).
+
+        ``conv_in=(conv, h)`` says ``c == conv(h)``: inference may then squeeze from ``h``
+        (``squeeze_through_conv``). In inference the result is written into ``bn``'s fresh output when
+        nobody watches ``bn`` (as torchvision's ``out += identity``)."""
         out = bn(c)
+        fresh = inference() and isinstance(bn, nn.BatchNorm2d) and not observed(bn)
         if self.attn_placement == "standard" and can_fuse(self.attn, self.act):
+            if inference():
+                z = None
+                if conv_in is not None and getattr(self.attn, "pool", "avg") == "avg":
+                    z = squeeze_through_conv(*conv_in, bn, out)
+                return infer_scale_add_relu(self.attn, out, shortcut, z=z, inplace=fresh)
             # an identity shortcut is this unit's input, kept by conv1 anyway; a computed one is not
             keep_c = not isinstance(getattr(self, "downsample", None), (nn.Identity, type(None)))
             return scale_add_relu(self.attn, out, shortcut, source=(bn, c) if keep_c else None)
+        if fresh and (self.attn_placement != "standard" or isinstance(self.attn, nn.Identity)):
+            return self._at("post", self.act(out.add_(shortcut)))
         out = self._at("standard", out)
         return self._at("post", self.act(out + shortcut))

@@ -88,7 +88,7 @@ class Bottleneck(AttnUnit):
         x = self._at("pre", x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self._at("after_3x3", self.act(self.bn2(self.conv2(out))))
-        return self._merge(self.conv3(out), self.bn3, shortcut)  # post(act(standard(bn3(.)) + shortcut))
+        return self._merge(self.conv3(out), self.bn3, shortcut, (self.conv3, out))  # post(act(standard(bn3(.)) + sc))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
