@@ -32,6 +32,7 @@ from torch import nn
 
 from senet.bench import BenchConfig, Subject, activation_bytes, make_step, measure, paired_ratio_ci
 from senet.evaluate import provenance, write_json
+from senet.flops import count_macs
 from senet.layers import create_attention
 from senet.layers.fused import reference_path
 from senet.models import create_model
@@ -104,6 +105,14 @@ def bandwidth(numel: int, args) -> dict[str, float]:
     nbytes = x.numel() * x.element_size()
     return {"bytes": nbytes, "copy_GBps": 2 * nbytes / np.median(t["clone"]) / 1e9,
             "reduce_GBps": nbytes / np.median(t["mean"]) / 1e9}
+
+
+def sgemm_gflops(n: int = 2048, reps: int = 10) -> float:
+    """This core's float32 GEMM rate (best of ``reps`` n x n x n products), GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b, reps))
+    return 2 * n**3 / best / 1e9
 
 
 def block_steps(se: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -275,13 +284,21 @@ def bench_onnx(args) -> dict:
              "resnet50_torch_eager": make_step(plain, x, train=False, runtime="torch", input_size=(3, 224, 224)),
              "resnet50_onnxruntime": ort(plain)}
     t = interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
+    # the compute floor: se_resnet50's multiply-adds at this core's float32 GEMM rate (what ORT's
+    # convolutions can at best run at); the target needs onnxruntime <= torch eager / 1.8
+    gflops = sgemm_gflops()
+    floor_ms = 2 * count_macs(se) / gflops / 1e6
     out = {**{f"{k}_ms": median_ms(v) for k, v in t.items()},
+           "sgemm_gflops": gflops, "se_resnet50_compute_floor_ms": floor_ms,
+           "target_onnxruntime_ms": median_ms(t["torch_eager"]) / 1.8,
            "speedup_torch_over_ort": ratio(t["torch_eager"], t["onnxruntime"]),
            "speedup_torch_over_ort_conv_fc": ratio(t["torch_eager"], t["onnxruntime_conv_fc"]),
            "resnet50_speedup_torch_over_ort": ratio(t["resnet50_torch_eager"], t["resnet50_onnxruntime"]),
            "ort_se_overhead": ratio(t["onnxruntime"], t["resnet50_onnxruntime"]),
            "torch_se_overhead": ratio(t["torch_eager"], t["resnet50_torch_eager"])}
     print(", ".join(f"{k} {median_ms(v):.1f} ms" for k, v in t.items()))
+    print(f"float32 GEMM {gflops:.0f} GFLOP/s -> se_resnet50 compute floor {floor_ms:.1f} ms; "
+          f"the target needs onnxruntime <= {out['target_onnxruntime_ms']:.1f} ms")
     for k, v in out.items():
         if isinstance(v, dict):
             print(f"{k}: {fmt(v)}")
