@@ -10,6 +10,7 @@ threads, git revision) and the load average before and after.
 
     block   1. the SE block alone at ResNet-50's SE activation sizes vs the memory-traffic floor
     resnet  2. se_resnet50 vs resnet50 (and the unfused reference path), 224x224
+    decompose  2. where se_resnet50's inference overhead goes (structure, scale, squeeze, excitation)
     timm    3. ours vs timm seresnet50, same weights: eager, channels_last, torch.compile
     memory  4. saved activations of a training step: SE over the baseline
     onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
@@ -209,6 +210,63 @@ def bench_resnet(args) -> dict:
     return results
 
 
+class Ablated(nn.Module):
+    """se_resnet50 whose SE unit ends (inference) do only part of SE's work, to price each part:
+
+    ``add``      ``relu(x + shortcut)`` in place: the plain unit's work in the SE network's layout
+    ``scale``    + the scale by a fixed ``s`` (``addcmul`` instead of ``add``)
+    ``squeeze``  + the squeeze (``mean_hw x``, or through the last 1x1 conv as the fast path does)
+    and the unablated network adds the excitation (two FCs, ReLU, sigmoid) to that.
+    """
+
+    def __init__(self, model: nn.Module, part: str):
+        super().__init__()
+        self.model, self.part, self.fixed = model, part, {}
+
+    def _scale(self, attn, x, shortcut, *, z=None, inplace=False):
+        s = self.fixed.setdefault((id(attn), x.shape[0]), torch.full((x.shape[0], x.shape[1], 1, 1), 0.5))
+        return torch.addcmul(shortcut, x, s, out=x).relu_()
+
+    def _squeeze(self, attn, x, shortcut, *, z=None, inplace=False):
+        if z is None:
+            x.mean((2, 3), keepdim=True)
+        return self._scale(attn, x, shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from senet.models import _attn
+
+        ends = {"add": lambda attn, x, sc, **kw: x.add_(sc).relu_(), "scale": self._scale, "squeeze": self._squeeze}
+        saved = _attn.infer_scale_add_relu, _attn.squeeze_through_conv
+        _attn.infer_scale_add_relu = ends[self.part]
+        if self.part != "squeeze":
+            _attn.squeeze_through_conv = lambda *a: None
+        try:
+            return self.model(x)
+        finally:
+            _attn.infer_scale_add_relu, _attn.squeeze_through_conv = saved
+
+
+def bench_decompose(args) -> dict:
+    """Where se_resnet50's inference overhead over resnet50 goes: the same se_resnet50 with its SE unit
+    ends ablated step by step (``Ablated``), all interleaved with resnet50; the steps' differences
+    price the structure (no SE work), the scale, the squeeze and the excitation."""
+    se = create_model("se_resnet50")
+    models = {"se_resnet50": se, **{f"se_only_{p}": Ablated(se, p) for p in ("squeeze", "scale", "add")},
+              "resnet50": create_model("resnet50")}
+    results = {}
+    for batch in args.infer_batch:
+        cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
+        res = run_subjects(models, cfg, batch)
+        ms = {n: r["p50_ms"] for n, r in res["per_call"].items()}
+        res["parts_ms"] = {"structure": ms["se_only_add"] - ms["resnet50"],
+                           "scale_vs_add": ms["se_only_scale"] - ms["se_only_add"],
+                           "squeeze": ms["se_only_squeeze"] - ms["se_only_scale"],
+                           "excitation": ms["se_resnet50"] - ms["se_only_squeeze"]}
+        print("  parts (differences of medians, ms): " + ", ".join(f"{k} {v:+.2f}" for k, v in res["parts_ms"].items()))
+        results[f"infer_b{batch}"] = res
+    return results
+
+
 def timm_pair() -> dict[str, nn.Module]:
     """Ours and timm's seresnet50 with the same weights (timm's mapped onto ours by senet.convert)."""
     import timm
@@ -232,7 +290,8 @@ def bench_timm(args) -> dict:
         pair = timm_pair()
         if mode == "channels_last":
             pair = {n: m.to(memory_format=torch.channels_last) for n, m in pair.items()}
-        for train, batch in [(False, args.infer_batch[0]), (True, args.train_batch[0])]:
+        cases = [(False, b) for b in args.infer_batch[:1]] + [(True, b) for b in args.train_batch[:1]]
+        for train, batch in cases:  # --infer-batch / --train-batch with no value: skip that step
             cfg = BenchConfig("se_resnet50", "timm_seresnet50", channels_last=mode == "channels_last",
                               compile=mode == "compile", train=train, warmup=2 if train else args.warmup,
                               rounds=args.train_rounds if train else args.rounds, iters=1 if train else args.iters)
@@ -305,8 +364,8 @@ def bench_onnx(args) -> dict:
     return out
 
 
-TARGETS = {"block": bench_block, "resnet": bench_resnet, "timm": bench_timm, "memory": bench_memory,
-           "onnx": bench_onnx}
+TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose, "timm": bench_timm,
+           "memory": bench_memory, "onnx": bench_onnx}
 
 
 def main(argv: list[str] | None = None) -> None:

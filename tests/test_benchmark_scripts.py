@@ -1,0 +1,31 @@
+"""The benchmark scripts' own machinery (their timings are not tests: see docs/performance.md)."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from senet.models import _attn
+from senet.models.resnet import ResNet
+
+_SPEC = importlib.util.spec_from_file_location(
+    "se_overhead", Path(__file__).resolve().parents[1] / "benchmarks" / "se_overhead.py")
+se_overhead = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(se_overhead)
+
+
+def test_ablated_se_network_prices_the_parts_it_says():
+    torch.manual_seed(0)
+    se = ResNet("bottleneck", [1, 1, 1, 1], attn="se", num_classes=5).eval()
+    plain = ResNet("bottleneck", [1, 1, 1, 1], attn=None, num_classes=5).eval()
+    missing, unexpected = plain.load_state_dict(se.state_dict(), strict=False)
+    assert not missing and all(".attn." in k for k in unexpected)
+    real_end = _attn.infer_scale_add_relu
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = {p: se_overhead.Ablated(se, p)(x) for p in ("add", "scale", "squeeze")}
+        full, without_se = se(x), plain(x)
+    assert _attn.infer_scale_add_relu is real_end  # restored
+    assert torch.equal(out["add"], without_se)  # "add": the unit ends of the network without SE
+    assert torch.equal(out["scale"], out["squeeze"])  # the squeeze's value is computed and dropped
+    assert not torch.allclose(out["scale"], out["add"]) and not torch.allclose(full, out["scale"])
