@@ -108,6 +108,25 @@ def bandwidth(numel: int, args) -> dict[str, float]:
             "reduce_GBps": nbytes / np.median(t["mean"]) / 1e9}
 
 
+def optimized_ops(path: Path) -> dict[str, int]:
+    """Node counts (domain:op) of the graph onnxruntime runs after its optimizations (same session options
+    as ``senet.export.onnx_session``): shows where its blocked-layout (NCHWc) convolutions hand tensors
+    back to plain NCHW (``ReorderOutput``/``ReorderInput``)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+    opts.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+    opts.log_severity_level = 3  # its warning that the saved graph is specific to this CPU
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for node in onnx.load(opts.optimized_model_filepath).graph.node:
+        key = f"{node.domain or 'ai.onnx'}:{node.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
+
+
 def sgemm_gflops(n: int = 2048, reps: int = 10) -> float:
     """This core's float32 GEMM rate (best of ``reps`` n x n x n products), GFLOP/s."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -334,21 +353,25 @@ def bench_onnx(args) -> dict:
     plain = create_model("resnet50").eval()
     x = torch.randn(1, 3, 224, 224)
 
-    def ort(model):
-        sess = onnx_session(export_to_temp_onnx(model, (3, 224, 224)))
+    graphs = {}
+
+    def ort(model, name):
+        path = export_to_temp_onnx(model, (3, 224, 224))
+        sess = onnx_session(path)
+        graphs[name] = optimized_ops(path)
         feed = {sess.get_inputs()[0].name: x.numpy()}
         return lambda: sess.run(None, feed)
     steps = {"torch_eager": make_step(se, x, train=False, runtime="torch", input_size=(3, 224, 224)),
-             "onnxruntime": ort(se), "onnxruntime_conv_fc": ort(se_conv),
+             "onnxruntime": ort(se, "se_resnet50"), "onnxruntime_conv_fc": ort(se_conv, "se_resnet50_conv_fc"),
              "resnet50_torch_eager": make_step(plain, x, train=False, runtime="torch", input_size=(3, 224, 224)),
-             "resnet50_onnxruntime": ort(plain)}
+             "resnet50_onnxruntime": ort(plain, "resnet50")}
     t = interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
     # the compute floor: se_resnet50's multiply-adds at this core's float32 GEMM rate (what ORT's
     # convolutions can at best run at); the target needs onnxruntime <= torch eager / 1.8
     gflops = sgemm_gflops()
     floor_ms = 2 * count_macs(se) / gflops / 1e6
     out = {**{f"{k}_ms": median_ms(v) for k, v in t.items()},
-           "sgemm_gflops": gflops, "se_resnet50_compute_floor_ms": floor_ms,
+           "sgemm_gflops": gflops, "se_resnet50_compute_floor_ms": floor_ms, "optimized_graph_ops": graphs,
            "target_onnxruntime_ms": median_ms(t["torch_eager"]) / 1.8,
            "speedup_torch_over_ort": ratio(t["torch_eager"], t["onnxruntime"]),
            "speedup_torch_over_ort_conv_fc": ratio(t["torch_eager"], t["onnxruntime_conv_fc"]),
@@ -356,6 +379,8 @@ def bench_onnx(args) -> dict:
            "ort_se_overhead": ratio(t["onnxruntime"], t["resnet50_onnxruntime"]),
            "torch_se_overhead": ratio(t["torch_eager"], t["resnet50_torch_eager"])}
     print(", ".join(f"{k} {median_ms(v):.1f} ms" for k, v in t.items()))
+    for name, ops in graphs.items():
+        print(f"{name}: onnxruntime's optimized graph: {ops}")
     print(f"float32 GEMM {gflops:.0f} GFLOP/s -> se_resnet50 compute floor {floor_ms:.1f} ms; "
           f"the target needs onnxruntime <= {out['target_onnxruntime_ms']:.1f} ms")
     for k, v in out.items():
