@@ -384,7 +384,7 @@ def bench_onnx(args) -> dict:
     print(f"float32 GEMM {gflops:.0f} GFLOP/s -> se_resnet50 compute floor {floor_ms:.1f} ms; "
           f"the target needs onnxruntime <= {out['target_onnxruntime_ms']:.1f} ms")
     for k, v in out.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "ratio" in v:
             print(f"{k}: {fmt(v)}")
     return out
 
