@@ -17,6 +17,7 @@ from senet.layers import create_attention, fused
 from senet.layers.fused import (
     _ExciteScaleAddReLU,
     _SigmoidScaleAddReLU,
+    batch_norm_with_affine,
     bn_affine,
     channel_dot,
     reference_path,
@@ -124,9 +125,11 @@ def test_custom_function_gradcheck(from_bn):
     torch.autograd.gradcheck(f, (c.requires_grad_(), a.requires_grad_(), sc.requires_grad_()))
 
 
-@pytest.mark.parametrize("from_bn", [False, True], ids=["keep_shortcut", "keep_bn_input"])
-def test_recompute_function_gradcheck(from_bn):
-    # the eager function: SE's FCs recomputed in backward, the squeeze's gradient folded into dL/dx
+@pytest.mark.parametrize("from_bn,inplace", [(False, False), (True, False), (True, True)],
+                         ids=["keep_shortcut", "keep_bn_input", "keep_bn_input_inplace"])
+def test_recompute_function_gradcheck(from_bn, inplace):
+    # the eager function: SE's FCs recomputed in backward, the squeeze's gradient folded into dL/dx;
+    # in place: y written into x (a fresh A c + B, as BN's output in a unit)
     se = create_attention("se_released", 4, reduction=2).double()
     g = torch.Generator().manual_seed(1)
     x, sc, c = (torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
@@ -135,8 +138,8 @@ def test_recompute_function_gradcheck(from_bn):
 
     def f(inp, sc, *params):
         if from_bn:  # inp is c; the function sees x = A c + B and keeps c
-            return _ExciteScaleAddReLU.apply(A * inp + B, sc, inp.detach(), A, B, se.pooled_logits, *params)
-        return _ExciteScaleAddReLU.apply(inp, sc, None, None, None, se.pooled_logits, *params)
+            return _ExciteScaleAddReLU.apply(A * inp + B, sc, inp.detach(), A, B, se.pooled_logits, inplace, *params)
+        return _ExciteScaleAddReLU.apply(inp, sc, None, None, None, se.pooled_logits, False, *params)
     torch.autograd.gradcheck(f, (c if from_bn else x, sc, *se.parameters()))
 
 
@@ -176,9 +179,10 @@ def test_saved_activations_drop_the_bn_output():
     # then 512 x 8, 1024 x 4, 2048 x 2
     units = [(256, 16, True), (256, 16, False), (512, 8, True), (1024, 4, True), (2048, 2, True)]
     x_bytes = sum(4 * b * c * hw * hw for c, hw, _ in units)  # every unit's bn output, float32
-    # the pooled z and the scale s (B, C) (backward recomputes the FCs); after a downsample A and B (C each)
-    vectors = sum(4 * (b * 2 * c + (2 * c if down else 0)) for c, _, down in units)
-    ab_bytes = sum(4 * 2 * c for c, _, down in units if down)
+    # the pooled z and the scale s (B, C) (backward recomputes the FCs), and BN's affine map A, B (C each)
+    # taken from BN's own batch statistics in every unit
+    vectors = sum(4 * (b * 2 * c + 2 * c) for c, _, _ in units)
+    ab_bytes = sum(4 * 2 * c for c, _, _ in units)
     hidden_bytes = sum(4 * b * (c // 16) for c, _, _ in units)  # δ(W1 z), kept by the reference only
     assert fast - base == vectors
     assert ref - fast == x_bytes + hidden_bytes - ab_bytes
@@ -383,3 +387,55 @@ def test_inference_leaves_the_units_input_alone(attn, monkeypatch):
         with reference_path():
             want = unit(x)
     torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_with_affine_is_batchnorm(momentum, affine):
+    # the training fast path runs BN as native_batch_norm to keep its statistics: same output,
+    # gradients, running statistics and step count as nn.BatchNorm2d, and A c + B == bn(c)
+    bn = nn.BatchNorm2d(6, momentum=momentum, affine=affine).double()
+    if affine:
+        bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    ref = copy.deepcopy(bn)
+    for _ in range(2):
+        c = (torch.randn(3, 6, 5, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+        c_ref = c.detach().clone().requires_grad_()
+        out, A, B = batch_norm_with_affine(bn, c)
+        want = ref(c_ref)
+        torch.testing.assert_close(out, want, **TOL[torch.float64])
+        torch.testing.assert_close(A * c.detach() + B, want.detach(), **TOL[torch.float64])
+        g = torch.randn_like(want)
+        out.backward(g), want.backward(g)
+        torch.testing.assert_close(c.grad, c_ref.grad, **TOL[torch.float64])
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, name), getattr(ref, name), **TOL[torch.float64], msg=name)
+        if affine:
+            torch.testing.assert_close(bn.weight.grad, ref.weight.grad, **TOL[torch.float64])
+
+
+def test_batch_norm_with_affine_declines_or_refuses():
+    bn, c = nn.BatchNorm2d(4), torch.randn(2, 4, 3, 3)
+    handle = bn.register_forward_hook(lambda *a: None)
+    assert batch_norm_with_affine(bn, c) is None  # hooked: the module must be called
+    handle.remove()
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+    assert batch_norm_with_affine(MyBN(4), c) is None  # a subclass may compute something else
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert batch_norm_with_affine(bn, c) is None
+    out, A, B = batch_norm_with_affine(bn.eval(), c)  # eval: the running statistics' map
+    torch.testing.assert_close(A * c + B, out)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_with_affine(nn.BatchNorm2d(4), torch.randn(1, 4, 1, 1))
+
+
+def test_plain_resnet_training_adds_in_place_with_the_same_gradients():
+    net = _net("bottleneck", torch.float64, False, attn=None).train()
+    ref = copy.deepcopy(net)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    got = _step(net, x)
+    with reference_path():
+        want = _step(ref, x)
+    _assert_same(got, want, torch.float64)

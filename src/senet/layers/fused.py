@@ -96,10 +96,16 @@ class _ExciteScaleAddReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, shortcut, c, A, B, fc, *params):
+    def forward(ctx, x, shortcut, c, A, B, fc, inplace, *params):
         z = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1), eq. 2
         s = torch.sigmoid(fc(z))  # eq. 3
-        y = torch.addcmul(shortcut, x, s).relu_()  # eq. 4 + addition + ReLU: one pass, in-place ReLU
+        # eq. 4 + addition + ReLU: one pass, in-place ReLU; with ``inplace`` into x (BN's fresh output,
+        # which nothing keeps: BN's backward needs its input)
+        if inplace:
+            y = torch.addcmul(shortcut, x, s, out=x).relu_()
+            ctx.mark_dirty(x)
+        else:
+            y = torch.addcmul(shortcut, x, s).relu_()
         ctx.fc, ctx.hw, ctx.kept = fc, x.shape[2] * x.shape[3], 1 if c is None else 3
         ctx.save_for_backward(y, z, s, *((shortcut,) if c is None else (c, A, B)), *params)
         return y
@@ -112,7 +118,7 @@ class _ExciteScaleAddReLU(torch.autograd.Function):
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
         dz, *dparams = _recompute_grads(ctx.fc, z, params, _grad_a(g_pre, y, s, kept))
         grad_x = torch.addcmul(dz / ctx.hw, g_pre, s)  # g_pre s + dz / HW: one pass
-        return grad_x, g_pre, None, None, None, None, *dparams
+        return grad_x, g_pre, None, None, None, None, None, *dparams
 
 
 class _SigmoidScaleAddReLU(torch.autograd.Function):
@@ -151,6 +157,32 @@ def bn_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.
         A = A * bn.weight
     B = -mean * A if bn.bias is None else bn.bias - mean * A
     return A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
+
+
+def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(bn(c), A, B)`` with ``bn(c) == A c + B`` for this very call, without another pass over ``c``:
+    in training (CPU) from the batch statistics ``native_batch_norm`` computes anyway (``nn.BatchNorm2d``'s
+    forward written out: momentum, ``num_batches_tracked``), in eval mode from the running ones. None
+    where it cannot: not a plain ``nn.BatchNorm2d``, hooked, other devices or autocast in training."""
+    if type(bn) is not nn.BatchNorm2d or observed(bn) or c.dim() != 4:
+        return None
+    if not bn.training and bn.running_mean is not None:
+        return bn(c), *bn_affine(bn, c)
+    if c.device.type != "cpu" or torch.is_autocast_enabled(c.device.type) or c.shape[1] != bn.num_features:
+        return None
+    if c.numel() // c.shape[1] <= 1:  # F.batch_norm's own check, same words
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    out, mean, invstd = torch.native_batch_norm(c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                                                factor, bn.eps)
+    with torch.no_grad():
+        A = invstd if bn.weight is None else invstd * bn.weight
+        B = -mean * A if bn.bias is None else bn.bias - mean * A
+    return out, A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
 
 
 def _sum_squares(c: torch.Tensor) -> torch.Tensor:
@@ -224,6 +256,12 @@ def eager() -> bool:
     return not (_tracing() or torch.compiler.is_compiling())
 
 
+def fresh_output(bn: nn.Module) -> bool:
+    """Whether ``bn``'s output is a fresh tensor a unit may write its result into: a plain BatchNorm2d
+    (its backward needs its input, not its output) nobody hooks, eager, fast path enabled."""
+    return _ENABLED and eager() and isinstance(bn, nn.BatchNorm2d) and not observed(bn)
+
+
 def inference() -> bool:
     """Eager, fast path enabled, no autograd: units may write into their own fresh tensors."""
     return _ENABLED and not torch.is_grad_enabled() and eager()
@@ -273,19 +311,24 @@ def _plain(x: torch.Tensor, s: torch.Tensor, shortcut: torch.Tensor) -> torch.Te
 
 
 def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
-                   source: tuple[nn.BatchNorm2d, torch.Tensor] | None = None) -> torch.Tensor:
+                   source: tuple[nn.BatchNorm2d, torch.Tensor] | None = None,
+                   affine: tuple[torch.Tensor, torch.Tensor] | None = None, inplace: bool = False) -> torch.Tensor:
     """``relu(attn(x) + shortcut)`` for a scale-form block (``attn(x) == x * attn.gate(attn.logits(x))``).
 
     ``source=(bn, c)`` says ``x == bn(c)``: backward then keeps ``c`` (which ``bn`` keeps anyway)
     instead of ``shortcut`` - for units whose shortcut is computed (a downsample), not their input.
+    ``affine=(A, B)``: ``x == A c + B`` is already known (``batch_norm_with_affine``); else ``bn_affine``.
+    ``inplace``: ``x`` is a fresh tensor that nothing else holds or saves: the result may go into it.
     """
     params = tuple(attn.parameters()) if torch.is_grad_enabled() else ()
     grad = bool(params) and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))
     if not grad or _tracing() or not isinstance(attn.gate, nn.Sigmoid) or getattr(attn, "pool", "avg") != "avg":
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     keep = (None, None, None)
-    if source is not None and isinstance(source[0], nn.BatchNorm2d) and not observed(source[0]):
+    if source is not None and affine is not None:
+        keep = (source[1], *affine)
+    elif source is not None and isinstance(source[0], nn.BatchNorm2d) and not observed(source[0]):
         keep = (source[1], *bn_affine(*source))
     if torch.compiler.is_compiling() or observed(*attn.modules()):  # no recompute: traceable, hooks fire once
         return _SigmoidScaleAddReLU.apply(x, attn.logits(x), shortcut, *keep)
-    return _ExciteScaleAddReLU.apply(x, shortcut, *keep, attn.pooled_logits, *params)
+    return _ExciteScaleAddReLU.apply(x, shortcut, *keep, attn.pooled_logits, inplace, *params)

@@ -22,10 +22,12 @@ from torch import nn
 
 from senet.layers import create_attention, list_attentions
 from senet.layers.fused import (
+    batch_norm_with_affine,
     can_fuse,
+    eager,
+    fresh_output,
     infer_scale_add_relu,
     inference,
-    observed,
     scale_add_relu,
     squeeze_through_conv,
 )
@@ -97,11 +99,19 @@ class AttnUnit(nn.Module):
         backward but ``s`` and, after a downsample, ``c`` (see ``senet.layers.fused``).
 
         ``conv_in=(conv, h)`` says ``c == conv(h)``: inference may then squeeze from ``h``
-        (``squeeze_through_conv``). In inference the result is written into ``bn``'s fresh output when
-        nobody watches ``bn`` (as torchvision's ``out += identity``)."""
+        (``squeeze_through_conv``). The result is written into ``bn``'s fresh output when nobody
+        watches ``bn`` (as torchvision's ``out += identity``), in training and inference."""
+        fused = self.attn_placement == "standard" and can_fuse(self.attn, self.act)
+        if fused and torch.is_grad_enabled() and eager():
+            # BN keeps c for its backward anyway: with BN's affine map known for free, SE's backward
+            # needs nothing else (see senet.layers.fused)
+            with_affine = batch_norm_with_affine(bn, c)
+            if with_affine is not None:
+                out, A, B = with_affine
+                return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
         out = bn(c)
-        fresh = inference() and isinstance(bn, nn.BatchNorm2d) and not observed(bn)
-        if self.attn_placement == "standard" and can_fuse(self.attn, self.act):
+        fresh = fresh_output(bn)
+        if fused:
             if inference():
                 z = None
                 if conv_in is not None and getattr(self.attn, "pool", "avg") == "avg":
