@@ -20,6 +20,7 @@ from senet.layers.fused import (
     batch_norm_with_affine,
     bn_affine,
     channel_dot,
+    channel_sums,
     reference_path,
     scale_add_relu,
     squeeze_through_conv,
@@ -439,3 +440,23 @@ def test_plain_resnet_training_adds_in_place_with_the_same_gradients():
     with reference_path():
         want = _step(ref, x)
     _assert_same(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "mixed"])
+def test_channel_sums_by_hand(dtype, layout):
+    # BatchNorm's backward used as a fused per-(b, c) reduction: Σ_hw g x and Σ_hw g
+    gen = torch.Generator().manual_seed(0)
+    g, x = (torch.randn(3, 5, 4, 6, dtype=dtype, generator=gen) for _ in range(2))
+    want_gx = torch.einsum("bchw,bchw->bc", g.double(), x.double()).view(3, 5, 1, 1)
+    want_gs = g.double().sum((2, 3), keepdim=True)
+    cl = torch.channels_last
+    if layout == "nhwc":
+        g, x = g.contiguous(memory_format=cl), x.contiguous(memory_format=cl)
+    elif layout == "mixed":
+        x = x.contiguous(memory_format=cl)
+    gx, gs = channel_sums(g, x)
+    tol = TOL[dtype]
+    torch.testing.assert_close(gx.double(), want_gx, **tol)
+    torch.testing.assert_close(gs.double(), want_gs, **tol)
+    assert gx.shape == gs.shape == (3, 5, 1, 1) and gx.dtype == dtype

@@ -73,7 +73,8 @@ def _grad_a(g_pre: torch.Tensor, y: torch.Tensor, s: torch.Tensor, kept: list[to
     """dL/da, (B, C, 1, 1), from what backward kept: [shortcut] or [c, A, B] (see the module docstring)."""
     if len(kept) == 3:
         c, A, B = kept
-        gx = channel_dot(g_pre, c).mul_(A).add_(g_pre.sum((2, 3), keepdim=True) * B)  # Σ_hw g_pre x
+        gc, gs = channel_sums(g_pre, c)  # Σ_hw g_pre c, Σ_hw g_pre
+        gx = gc.mul_(A).add_(gs * B)  # Σ_hw g_pre x
         return gx.mul_(s * (1 - s))
     return channel_dot(g_pre, y, kept[0]).mul_(1 - s)
 
@@ -193,6 +194,38 @@ def _sum_squares(c: torch.Tensor) -> torch.Tensor:
     return channel_dot(c, c).flatten(1)
 
 
+def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_hw g x, Σ_hw g) for every (b, c), each (B, C, 1, 1), in one pass over ``g`` and ``x``.
+
+    ATen has no op that reduces a product without writing it, but BatchNorm's backward computes
+    exactly these two sums per channel, fused: with mean 0 and inverse deviation 1 its weight and bias
+    gradients are Σ g x and Σ g. NCHW tensors are viewed as one sample of B*C channels (one call);
+    channels_last ones go sample by sample. About 3x faster than ``channel_dot`` + ``sum`` here
+    (CPU float32, ResNet-50's SE activations). Elsewhere (other devices/dtypes, compiled): those.
+    """
+    if torch.compiler.is_compiling() or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64) \
+            or x.dtype != g.dtype or g.shape != x.shape:
+        return channel_dot(g, x), g.sum((2, 3), keepdim=True)
+    B, C, H, W = g.shape
+    mask = [False, True, True]
+    if g.is_contiguous() and x.is_contiguous():
+        n = B * C
+        zeros, ones = g.new_zeros(n), g.new_ones(n)
+        _, gx, gs = torch.ops.aten.native_batch_norm_backward(g.view(1, n, H, W), x.view(1, n, H, W), None, None,
+                                                              None, zeros, ones, True, 0.0, mask)
+        return gx.view(B, C, 1, 1), gs.view(B, C, 1, 1)
+    cl = torch.channels_last
+    if not (g.is_contiguous(memory_format=cl) and x.is_contiguous(memory_format=cl)):
+        return channel_dot(g, x), g.sum((2, 3), keepdim=True)
+    gx, gs = g.new_empty(B, C, 1, 1), g.new_empty(B, C, 1, 1)
+    zeros, ones = g.new_zeros(C), g.new_ones(C)
+    for b in range(B):
+        _, gx_b, gs_b = torch.ops.aten.native_batch_norm_backward(g[b:b + 1], x[b:b + 1], None, None, None, zeros,
+                                                                  ones, True, 0.0, mask)
+        gx[b, :, 0, 0], gs[b, :, 0, 0] = gx_b, gs_b
+    return gx, gs
+
+
 def channel_dot(g: torch.Tensor, x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_hw g (x - minus) for every (b, c), as (B, C, 1, 1). The product goes through one sample-sized
     buffer (cache-resident, allocated once) instead of a fresh full-size temporary (compiled: the plain
@@ -226,7 +259,7 @@ class _ScaleByExcitation(torch.autograd.Function):
     @once_differentiable  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
         x, z, s, *params = ctx.saved_tensors
-        dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_dot(g, x))  # dL/ds = Σ_hw g x
+        dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_sums(g, x)[0])  # dL/ds = Σ_hw g x
         grad_x = torch.addcmul(dz / (x.shape[2] * x.shape[3]), g, s)  # g s + dz / HW, (B, C, H, W)
         return grad_x, None, *dparams
 
