@@ -9,18 +9,24 @@ keeps ``x`` (the BN output, for ds = Σ_hw g·x) on top of what the plain ResNet
 squeeze's gradient dz / HW is a fourth full-size tensor added onto dL/dx. Here:
 
 - the scale, the addition and the ReLU are one ``addcmul`` plus an in-place ``relu_``: the passes
-  of the plain unit's ``relu(out + shortcut)``;
-- backward keeps ``y`` (the next unit's input), z, s and either ``shortcut`` (an identity shortcut
-  is the unit's input) or, after a downsample, ``c`` with ``x = bn(c) = A c + B`` - tensors the
-  convolutions and BatchNorms keep anyway; never ``x``. Where ``y > 0``, ``x s = y - shortcut``:
+  of the plain unit's ``relu(out + shortcut)``, written into BN's fresh output ``x`` when the unit
+  ran its BN itself (below; BN's backward needs its input, not its output);
+- backward keeps ``y`` (the next unit's input), z, s and ``c`` with ``x = bn(c) = A c + B`` - ``c`` is
+  kept by BN anyway - never ``x``. On CPU the unit runs BN as ``native_batch_norm`` and takes A, B
+  from the batch statistics BN computes anyway (``batch_norm_with_affine``):
 
-      dL/da = s (1 - s) Σ_hw g_pre x = (1 - s) Σ_hw g_pre (y - shortcut),   g_pre = g · [y > 0]
-            = s (1 - s) (A Σ_hw g_pre c + B Σ_hw g_pre)
+      dL/da = s (1 - s) Σ_hw g_pre x = s (1 - s) (A Σ_hw g_pre c + B Σ_hw g_pre),   g_pre = g · [y > 0]
 
-  (no division by s: saturated gates stay exact up to rounding);
+  with both sums in one pass through BatchNorm's backward reduction (``channel_sums``). Where the BN
+  must be called as a module (hooks, subclasses, other devices), identity units keep ``shortcut``
+  instead and use ``x s = y - shortcut`` where y > 0 (no division by s), and units after a downsample
+  get A, B from inner reductions (``bn_affine``);
 - backward recomputes the tiny FCs from z and writes dL/dx = g_pre s + dL/dz / HW in one pass.
 
-The SE block alone (``SqueezeExcite.forward``) gets the last two: it keeps x, z and s.
+Inference (eager, no autograd) writes into BN's output too and may squeeze through the last 1x1 conv
+(``squeeze_through_conv``). See docs/performance.md for what each of these buys on a CPU.
+
+The SE block alone (``SqueezeExcite.forward``) gets the recompute and the fused sums: it keeps x, z and s.
 
 The fast path is the default in eager training. Inference takes the plain ``addcmul`` + ``relu_``;
 ``torch.compile`` traces a variant without the recompute (the compiler fuses the rest); ONNX/JIT
