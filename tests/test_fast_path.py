@@ -460,3 +460,20 @@ def test_channel_sums_by_hand(dtype, layout):
     torch.testing.assert_close(gx.double(), want_gx, **tol)
     torch.testing.assert_close(gs.double(), want_gs, **tol)
     assert gx.shape == gs.shape == (3, 5, 1, 1) and gx.dtype == dtype
+
+
+@pytest.mark.parametrize("where", ["bn3", "attn"])
+def test_backward_hooks_fire(where):
+    # a full backward hook (Grad-CAM style) on a module the fast path would skip: the unit calls it,
+    # and the results equal an unhooked run's
+    net = _net("bottleneck", torch.float64, False).train()
+    plain = copy.deepcopy(net)
+    seen = []
+    handle = getattr(net.layer1[0], where).register_full_backward_hook(lambda m, gin, gout: seen.append(m))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    got = _step(net, x)
+    handle.remove()
+    assert seen == [getattr(net.layer1[0], where)]
+    want = _step(plain, x)  # the hooked unit runs unfused: same values up to float64 rounding
+    for a, b in [(got[0], want[0]), (got[1], want[1]), *((got[2][n], want[2][n]) for n in want[2])]:
+        torch.testing.assert_close(a / b.abs().max(), b / b.abs().max(), rtol=1e-9, atol=1e-10)

@@ -61,10 +61,12 @@ def reference_path() -> Iterator[None]:
 
 
 def observed(*modules: nn.Module) -> bool:
-    """True when forward hooks (global or on ``modules``) expect these modules to be called."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    """True when forward or backward hooks (global or on ``modules``) expect these modules to be called."""
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def can_fuse(attn: nn.Module, act: nn.Module) -> bool:
