@@ -96,7 +96,7 @@ class AttnUnit(nn.Module):
                conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
         """The unit's end, ``post(act(standard(bn(c)) + shortcut))``. SE at ``standard`` runs fused:
         scale, addition and ReLU in one pass, and nothing the plain unit does not keep is kept for
-        backward but ``s`` and, after a downsample, ``c`` (see ``senet.layers.fused``).
+        backward but the pooled ``z``, ``s`` and BN's affine map (vectors; see ``senet.layers.fused``).
 
         ``conv_in=(conv, h)`` says ``c == conv(h)``: inference may then squeeze from ``h``
         (``squeeze_through_conv``). The result is written into ``bn``'s fresh output when nobody
