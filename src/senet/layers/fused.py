@@ -161,11 +161,16 @@ def bn_affine(bn: nn.BatchNorm2d, c: torch.Tensor) -> tuple[torch.Tensor, torch.
         var = (_sum_squares(c).double().sum(0) / n - mean.square()).clamp_min(0)
     else:
         var, mean = bn.running_var.double(), bn.running_mean.double()
-    A = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        A = A * bn.weight
+    return _affine_map(bn, mean, torch.rsqrt(var + bn.eps), c.dtype)
+
+
+@torch.no_grad()
+def _affine_map(bn: nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), each (1, C, 1, 1): ``bn``'s normalisation with ``mean`` and ``invstd`` (C,) as ``A c + B``."""
+    A = invstd if bn.weight is None else invstd * bn.weight
     B = -mean * A if bn.bias is None else bn.bias - mean * A
-    return A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
+    return A.view(1, -1, 1, 1).to(dtype), B.view(1, -1, 1, 1).to(dtype)
 
 
 def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -188,10 +193,7 @@ def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor
             factor = 1.0 / float(bn.num_batches_tracked)
     out, mean, invstd = torch.native_batch_norm(c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
                                                 factor, bn.eps)
-    with torch.no_grad():
-        A = invstd if bn.weight is None else invstd * bn.weight
-        B = -mean * A if bn.bias is None else bn.bias - mean * A
-    return out, A.view(1, -1, 1, 1).to(c.dtype), B.view(1, -1, 1, 1).to(c.dtype)
+    return out, *_affine_map(bn, mean, invstd, c.dtype)
 
 
 def _sum_squares(c: torch.Tensor) -> torch.Tensor:
@@ -329,11 +331,8 @@ def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: tor
     if x.numel() - h.numel() - conv.weight.numel() < SQUEEZE_THROUGH_CONV_MIN_SAVING:
         return None
     mean_c = F.linear(h.mean((2, 3)), conv.weight.flatten(1), conv.bias)  # mean_hw conv(h), (B, C)
-    A = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        A = A * bn.weight
-    B = -bn.running_mean * A if bn.bias is None else bn.bias - bn.running_mean * A
-    return torch.addcmul(B, mean_c, A).view(*mean_c.shape, 1, 1)
+    A, B = bn_affine(bn, x)  # eval mode: the running statistics
+    return torch.addcmul(B, mean_c.view(*mean_c.shape, 1, 1), A)
 
 
 def infer_scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
