@@ -108,20 +108,14 @@ def bandwidth(numel: int, args) -> dict[str, float]:
             "reduce_GBps": nbytes / np.median(t["mean"]) / 1e9}
 
 
-def optimized_ops(path: Path) -> dict[str, int]:
-    """Node counts (domain:op) of the graph onnxruntime runs after its optimizations (same session options
-    as ``senet.export.onnx_session``): shows where its blocked-layout (NCHWc) convolutions hand tensors
-    back to plain NCHW (``ReorderOutput``/``ReorderInput``)."""
+def op_counts(path: Path) -> dict[str, int]:
+    """Node counts (domain:op) of an ONNX file; on the graph onnxruntime saved after its optimizations
+    they show where its blocked-layout (NCHWc) convolutions hand tensors back to plain NCHW
+    (``ReorderOutput``/``ReorderInput``)."""
     import onnx
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-    opts.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
-    opts.log_severity_level = 3  # its warning that the saved graph is specific to this CPU
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ops: dict[str, int] = {}
-    for node in onnx.load(opts.optimized_model_filepath).graph.node:
+    for node in onnx.load(str(path)).graph.node:
         key = f"{node.domain or 'ai.onnx'}:{node.op_type}"
         ops[key] = ops.get(key, 0) + 1
     return dict(sorted(ops.items()))
@@ -357,8 +351,9 @@ def bench_onnx(args) -> dict:
 
     def ort(model, name):
         path = export_to_temp_onnx(model, (3, 224, 224))
-        sess = onnx_session(path)
-        graphs[name] = optimized_ops(path)
+        optimized = path.with_suffix(".optimized.onnx")
+        sess = onnx_session(path, optimized_path=optimized)
+        graphs[name] = op_counts(optimized)
         feed = {sess.get_inputs()[0].name: x.numpy()}
         return lambda: sess.run(None, feed)
     steps = {"torch_eager": make_step(se, x, train=False, runtime="torch", input_size=(3, 224, 224)),

@@ -106,6 +106,14 @@ def test_rewrite_reduce_mean_forms(tmp_path, opset, keepdims):
     np.testing.assert_allclose(got, x.mean((2, 3), keepdims=bool(keepdims)), atol=1e-6)
 
 
+def test_onnx_session_writes_the_optimized_graph(tmp_path):
+    model = _reduce_graph([2, 3], 1, 13)
+    model.ir_version = min(model.ir_version, 10)
+    onnx.save(model, str(tmp_path / "r.onnx"))
+    onnx_session(tmp_path / "r.onnx", threads=1, optimized_path=tmp_path / "opt.onnx")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["ReduceMean"]
+
+
 def test_rewrite_leaves_other_reductions():
     model = _reduce_graph([1], 1, 13)  # a channel mean is not a global pool
     assert rewrite_global_pools(model) == 0

@@ -183,13 +183,17 @@ def _export_pt2(model: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bo
     torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dyn), str(path))
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads, default torch's)."""
+def onnx_session(path: str | Path, threads: int | None = None, *, optimized_path: str | Path | None = None):
+    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads, default torch's);
+    ``optimized_path``: also write the graph onnxruntime runs after its optimizations there."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+        opts.log_severity_level = 3  # its warning that the saved graph is specific to this CPU
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
