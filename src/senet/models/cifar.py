@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._attn import AttnFactory, AttnUnit, stage_attention
-from .registry import register_model
+from .registry import RESNET_PAPER, register_model
 from .resnet import BasicBlock, Bottleneck
 
 
@@ -194,7 +194,6 @@ class CifarResNet(nn.Module):
         return self.fc(self.drop(feats[-1].mean((2, 3))))  # (B, C) -> (B, num_classes)
 
 
-_RESNET = "Deep Residual Learning for Image Recognition (He et al.), arXiv 1512.03385"
 _PREACT = "Identity Mappings in Deep Residual Networks (He et al.), arXiv 1603.05027"
 _WRN = "Wide Residual Networks (Zagoruyko & Komodakis), arXiv 1605.07146"
 _SE = {"attn": "se"}  # SE paper CIFAR nets: eq. 3 (no biases), r = 16; note 16 // 16 = 1 hidden unit
@@ -202,7 +201,7 @@ _SE = {"attn": "se"}  # SE paper CIFAR nets: eq. 3 (no biases), r = 16; note 16 
 # name: (block, n, defaults, paper)
 _VARIANTS = {
     # ResNet paper Table 6: 6n+2 layers, option A; 0.27M / 0.46M / 0.66M / 0.85M / 1.7M parameters.
-    **{f"resnet{6 * n + 2}": ("basic", n, {}, _RESNET) for n in (3, 5, 7, 9, 18)},
+    **{f"resnet{6 * n + 2}": ("basic", n, {}, RESNET_PAPER) for n in (3, 5, 7, 9, 18)},
     "preact_resnet110": ("basic", 18, {"preact": True}, _PREACT),  # 1603.05027 Table 3: 6.37 % C-10
     "resnet164": ("bottleneck", 18, {"preact": True, "shortcut": "B"}, _PREACT),  # 9n+2, 1.7M, 5.46 %
     "wrn16_8": ("basic", 2, {"preact": True, "shortcut": "B", "widen": 8}, _WRN),  # 11.0M (WRN Table 1)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
-from .registry import build_variant, register_model
+from .registry import SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
 
@@ -270,7 +270,6 @@ class InceptionResNetV2(nn.Module):
 
 _BN = "Batch Normalization (Ioffe & Szegedy), arXiv 1502.03167"
 _IRV2 = "Inception-v4, Inception-ResNet and the Impact of Residual Connections (Szegedy et al.), arXiv 1602.07261"
-_SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
 
 
 
@@ -280,7 +279,7 @@ def bninception(**kwargs) -> BNInception:
     return build_variant(BNInception, {}, kwargs)
 
 
-@register_model(paper=_SENET)
+@register_model(paper=SENET_PAPER)
 def se_bninception(**kwargs) -> BNInception:
     """SE-BN-Inception: SE (r = 16, FCs with biases as the Caffe release) after every Inception module."""
     return build_variant(BNInception, {"attn": "se_released"}, kwargs)
@@ -292,7 +291,7 @@ def inception_resnet_v2(**kwargs) -> InceptionResNetV2:
     return build_variant(InceptionResNetV2, {}, kwargs)
 
 
-@register_model(paper=_SENET, input_size=(3, 299, 299))
+@register_model(paper=SENET_PAPER, input_size=(3, 299, 299))
 def se_inception_resnet_v2(**kwargs) -> InceptionResNetV2:
     """SE-Inception-ResNet-v2: SE (r = 16, bias-free FCs) on every residual branch."""
     return build_variant(InceptionResNetV2, {"attn": "se"}, kwargs)

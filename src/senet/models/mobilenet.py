@@ -33,7 +33,7 @@ from torch import nn
 from senet.layers import make_divisible
 
 from ._attn import AttnFactory, stage_attention
-from .registry import build_variant, register_model
+from .registry import ECA_PAPER, SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
 ActLayer = Callable[[], nn.Module]
@@ -292,8 +292,6 @@ class MobileNetV3(_Net):
 _V1_PAPER = "MobileNets (Howard et al.), arXiv 1704.04861"
 _V2_PAPER = "MobileNetV2: Inverted Residuals and Linear Bottlenecks (Sandler et al.), arXiv 1801.04381"
 _V3_PAPER = "Searching for MobileNetV3 (Howard et al.), arXiv 1905.02244"
-_SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
-_ECA = "ECA-Net (Wang et al.), arXiv 1910.03151"
 
 # ECA-MobileNetV2 (ECA code release): k = 1 on rows narrower than 96 channels, 3 from 96 on.
 _ECA_V2 = {"attn": "eca", "attn_kwargs": [{"kernel_size": 1 if c < 96 else 3} for _, c, _, _ in _V2]}
@@ -306,7 +304,7 @@ def mobilenet_v1(**kwargs) -> MobileNetV1:
     return build_variant(MobileNetV1, {}, kwargs)
 
 
-@register_model(paper=_SENET)
+@register_model(paper=SENET_PAPER)
 def se_mobilenet_v1(**kwargs) -> MobileNetV1:
     """SE-MobileNet (SENet Table 3): SE (r = 16, bias-free FCs) after each depthwise-separable block."""
     return build_variant(MobileNetV1, {"attn": "se"}, kwargs)
@@ -318,13 +316,13 @@ def mobilenet_v2(**kwargs) -> MobileNetV2:
     return build_variant(MobileNetV2, {}, kwargs)
 
 
-@register_model(paper=_SENET)
+@register_model(paper=SENET_PAPER)
 def se_mobilenet_v2(**kwargs) -> MobileNetV2:
     """MobileNetV2 with SE (r = 16, bias-free FCs) on each block's output, before the addition."""
     return build_variant(MobileNetV2, {"attn": "se"}, kwargs)
 
 
-@register_model(paper=_ECA)
+@register_model(paper=ECA_PAPER)
 def eca_mobilenet_v2(**kwargs) -> MobileNetV2:
     """ECA-MobileNetV2 (ECA-Net: 72.56 top-1): ECA on each block's output, k = 1 / 3 by width."""
     return build_variant(MobileNetV2, _ECA_V2, kwargs)

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+# Papers several model files cite (``register_model(paper=...)``).
+SENET_PAPER = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
+RESNET_PAPER = "Deep Residual Learning for Image Recognition (He et al.), arXiv 1512.03385"
+ECA_PAPER = "ECA-Net (Wang et al.), arXiv 1910.03151"
+
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, AttnUnit, stage_attention
-from .registry import register_model
+from .registry import ECA_PAPER, RESNET_PAPER, SENET_PAPER, register_model
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -217,10 +217,7 @@ _DEPTHS = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 
-_RESNET = "Deep Residual Learning for Image Recognition (He et al.), arXiv 1512.03385"
 _RESNEXT = "Aggregated Residual Transformations (ResNeXt, Xie et al.), arXiv 1611.05431"
-_SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
-_ECA = "ECA-Net (Wang et al.), arXiv 1910.03151"
 _CBAM = "CBAM: Convolutional Block Attention Module (Woo et al.), arXiv 1807.06521"
 
 _X32 = {"groups": 32, "width_per_group": 4}  # ResNeXt 32x4d (ResNeXt Table 1)
@@ -230,33 +227,33 @@ _CAFFE = {**_SE, "pool_ceil": True, "stride_in_1x1": True}
 
 # name: (depth, defaults, paper). Defaults mirror the checkpoints each name is meant to load.
 _VARIANTS = {
-    "resnet18": (18, {}, _RESNET),
-    "resnet34": (34, {}, _RESNET),
-    "resnet50": (50, {}, _RESNET),
-    "resnet101": (101, {}, _RESNET),
-    "resnet152": (152, {}, _RESNET),
+    "resnet18": (18, {}, RESNET_PAPER),
+    "resnet34": (34, {}, RESNET_PAPER),
+    "resnet50": (50, {}, RESNET_PAPER),
+    "resnet101": (101, {}, RESNET_PAPER),
+    "resnet152": (152, {}, RESNET_PAPER),
     # timm seresnet18/34: hidden make_divisible(C / 16, 8), so 8 (not 4) in stage 1.
-    "se_resnet18": (18, {**_SE, "attn_kwargs": {"divisor": 8}}, _SENET),
-    "se_resnet34": (34, {**_SE, "attn_kwargs": {"divisor": 8}}, _SENET),
-    "se_resnet50": (50, _SE, _SENET),  # timm seresnet50: 28,088,024 parameters
-    "se_resnet101": (101, _SE, _SENET),
-    "se_resnet152": (152, _SE, _SENET),
+    "se_resnet18": (18, {**_SE, "attn_kwargs": {"divisor": 8}}, SENET_PAPER),
+    "se_resnet34": (34, {**_SE, "attn_kwargs": {"divisor": 8}}, SENET_PAPER),
+    "se_resnet50": (50, _SE, SENET_PAPER),  # timm seresnet50: 28,088,024 parameters
+    "se_resnet101": (101, _SE, SENET_PAPER),
+    "se_resnet152": (152, _SE, SENET_PAPER),
     "resnext50_32x4d": (50, _X32, _RESNEXT),
     "resnext101_32x4d": (101, _X32, _RESNEXT),
-    "se_resnext50_32x4d": (50, {**_X32, **_SE}, _SENET),  # timm seresnext50_32x4d: 27,559,896
-    "se_resnext101_32x4d": (101, {**_X32, **_SE}, _SENET),
-    "legacy_se_resnet50": (50, _CAFFE, _SENET),
-    "legacy_se_resnet101": (101, _CAFFE, _SENET),
-    "legacy_se_resnet152": (152, _CAFFE, _SENET),
+    "se_resnext50_32x4d": (50, {**_X32, **_SE}, SENET_PAPER),  # timm seresnext50_32x4d: 27,559,896
+    "se_resnext101_32x4d": (101, {**_X32, **_SE}, SENET_PAPER),
+    "legacy_se_resnet50": (50, _CAFFE, SENET_PAPER),
+    "legacy_se_resnet101": (101, _CAFFE, SENET_PAPER),
+    "legacy_se_resnet152": (152, _CAFFE, SENET_PAPER),
     # The released SE-ResNeXts keep the stride in the 3x3 (timm legacy_seresnext*).
-    "legacy_se_resnext50_32x4d": (50, {**_CAFFE, **_X32, "stride_in_1x1": False}, _SENET),
-    "legacy_se_resnext101_32x4d": (101, {**_CAFFE, **_X32, "stride_in_1x1": False}, _SENET),
+    "legacy_se_resnext50_32x4d": (50, {**_CAFFE, **_X32, "stride_in_1x1": False}, SENET_PAPER),
+    "legacy_se_resnext101_32x4d": (101, {**_CAFFE, **_X32, "stride_in_1x1": False}, SENET_PAPER),
     # SENet paper Sec. 6.1 / Table 8: ResNeXt-152 64x4d, first 1x1 halved, deep stem, 3x3 downsample
     # convs in stages 2-4, dropout 0.2 (timm legacy_senet154); stride in the 3x3.
     "senet154": (152, {**_SE, "groups": 64, "width_per_group": 4, "conv1_ratio": 0.5, "deep_stem": True,
-                       "pool_ceil": True, "down_kernel": 3, "drop_rate": 0.2}, _SENET),
+                       "pool_ceil": True, "down_kernel": 3, "drop_rate": 0.2}, SENET_PAPER),
     # ECA's released ResNet-50 uses k = 3, 5, 5, 7 per stage, not eq. 12's adaptive k (5, 5, 5, 7).
-    "eca_resnet50": (50, {"attn": "eca", "attn_kwargs": [{"kernel_size": k} for k in (3, 5, 5, 7)]}, _ECA),
+    "eca_resnet50": (50, {"attn": "eca", "attn_kwargs": [{"kernel_size": k} for k in (3, 5, 5, 7)]}, ECA_PAPER),
     "cbam_resnet50": (50, {"attn": "cbam"}, _CBAM),
 }
 

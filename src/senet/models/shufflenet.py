@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
-from .registry import build_variant, register_model
+from .registry import SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
 # groups -> output channels of stages 2, 3, 4 at width 1x: ShuffleNet Table 1.
@@ -115,7 +115,6 @@ class ShuffleNetV1(nn.Module):
 
 
 _SHUFFLE = "ShuffleNet (Zhang et al.), arXiv 1707.01083"
-_SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
 
 
 
@@ -125,7 +124,7 @@ def shufflenet_v1_g3(**kwargs) -> ShuffleNetV1:
     return build_variant(ShuffleNetV1, {"groups": 3}, kwargs)
 
 
-@register_model(paper=_SENET)
+@register_model(paper=SENET_PAPER)
 def se_shufflenet_v1_g3(**kwargs) -> ShuffleNetV1:
     """SE-ShuffleNet 1x (g = 3): SE (r = 16, bias-free FCs) on each unit's branch (SENet Table 3)."""
     return build_variant(ShuffleNetV1, {"groups": 3, "attn": "se"}, kwargs)

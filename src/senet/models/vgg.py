@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ._attn import AttnFactory, stage_attention
-from .registry import build_variant, register_model
+from .registry import SENET_PAPER, build_variant, register_model
 
 # Conv widths of the five blocks, each followed by a 2x2 max-pool: VGG paper Table 1, column D.
 _VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -132,7 +132,6 @@ def init_weights(model: nn.Module) -> None:
 
 
 _VGG = "Very Deep Convolutional Networks for Large-Scale Image Recognition (Simonyan & Zisserman), arXiv 1409.1556"
-_SENET = "Squeeze-and-Excitation Networks (Hu et al.), arXiv 1709.01507"
 
 
 
@@ -148,13 +147,13 @@ def vgg16_bn(**kwargs) -> VGG:
     return build_variant(VGG, {"batch_norm": True}, kwargs)
 
 
-@register_model(paper=_SENET)
+@register_model(paper=SENET_PAPER)
 def se_vgg16(**kwargs) -> VGG:
     """SE-VGG16: SE (r = 16, bias-free Linear FCs) after each block's last conv + ReLU."""
     return build_variant(VGG, {"attn": "se"}, kwargs)
 
 
-@register_model(paper=_SENET)
+@register_model(paper=SENET_PAPER)
 def se_vgg16_bn(**kwargs) -> VGG:
     """SE-VGG16 with BN (SENet Table 2: 15.48 GFLOPs vs 15.47)."""
     return build_variant(VGG, {"batch_norm": True, "attn": "se"}, kwargs)
