@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
+from ._head import PooledClassifier
 from .registry import SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
@@ -83,7 +84,7 @@ class InceptionModule(nn.Module):
         return self.attn(torch.cat(outs, 1))  # (B, out_channels, H/s, W/s)
 
 
-class BNInception(nn.Module):
+class BNInception(PooledClassifier):
     """BN-Inception (Inception-v2) with ``attn`` after every Inception module of the chosen stages.
 
     Args: attn, attn_kwargs, attn_stages (3 stages: 3a-3b, 3c-4d, 4e-5b), num_classes, in_chans,
@@ -108,11 +109,7 @@ class BNInception(nn.Module):
                 cin = modules[-1].out_channels
             self.add_module(f"stage{k + 3}", nn.Sequential(*modules))
             self.feature_info.append({"module": f"stage{k + 3}", "channels": cin, "reduction": 8 * 2 ** k})
-        self.num_features = cin  # 1024
-        self.features_only = features_only
-        if not features_only:
-            self.drop = nn.Dropout(drop_rate)
-            self.fc = nn.Linear(cin, num_classes)
+        self._add_head(cin, num_classes, drop_rate, features_only)  # 1024 features
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -122,10 +119,6 @@ class BNInception(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        feats = self.forward_features(x)
-        return feats if self.features_only else self.fc(self.drop(feats[-1].mean((2, 3))))
 
 
 # ----------------------------------------------------------------------------- Inception-ResNet-v2

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, AttnUnit, stage_attention
+from ._head import PooledClassifier
 from .registry import ECA_PAPER, RESNET_PAPER, SENET_PAPER, register_model
 
 
@@ -105,7 +106,7 @@ def _stem(in_chans: int, width: int, deep: bool) -> nn.Module:
     )
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifier):
     """ResNet/ResNeXt/SENet with attention ``attn`` in every unit of the chosen stages.
 
     Args:
@@ -165,11 +166,7 @@ class ResNet(nn.Module):
             stage, cin = _make_stage(unit, cin, planes, depth, stride, kernel, factories[i], unit_kw)
             self.add_module(f"layer{i + 1}", stage)
             self.feature_info.append({"module": f"layer{i + 1}", "channels": cin, "reduction": 4 * 2 ** i})
-        self.num_features = cin
-        self.features_only = features_only
-        if not features_only:
-            self.drop = nn.Dropout(drop_rate)
-            self.fc = nn.Linear(cin, num_classes)
+        self._add_head(cin, num_classes, drop_rate, features_only)
         _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -180,13 +177,6 @@ class ResNet(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x.mean((2, 3))))  # (B, C) -> (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        feats = self.forward_features(x)
-        return feats if self.features_only else self.forward_head(feats[-1])
 
 
 def _make_stage(unit, cin, planes, depth, stride, down_kernel, make_attn, unit_kw) -> tuple[nn.Module, int]:

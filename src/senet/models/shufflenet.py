@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
+from ._head import PooledClassifier
 from .registry import SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
@@ -62,7 +63,7 @@ class ShuffleUnit(nn.Module):
         return self.act(x + out)
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(PooledClassifier):
     """ShuffleNet v1 with ``attn`` in every unit of the chosen stages.
 
     Args:
@@ -94,11 +95,7 @@ class ShuffleNetV1(nn.Module):
                 cin = cout
             self.add_module(f"stage{k + 2}", nn.Sequential(*units))
             self.feature_info.append({"module": f"stage{k + 2}", "channels": cout, "reduction": 8 * 2 ** k})
-        self.num_features = cin
-        self.features_only = features_only
-        if not features_only:
-            self.drop = nn.Dropout(drop_rate)
-            self.fc = nn.Linear(cin, num_classes)
+        self._add_head(cin, num_classes, drop_rate, features_only)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -108,10 +105,6 @@ class ShuffleNetV1(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        feats = self.forward_features(x)
-        return feats if self.features_only else self.fc(self.drop(feats[-1].mean((2, 3))))
 
 
 _SHUFFLE = "ShuffleNet (Zhang et al.), arXiv 1707.01083"
