@@ -25,6 +25,7 @@ from senet.layers.fused import (
     scale_add_relu,
     squeeze_through_conv,
 )
+from senet.layers.se import SqueezeExcite
 from senet.models import _attn
 from senet.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -297,13 +298,14 @@ def test_block_under_torch_compile_matches_eager():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("through_conv", [False, True], ids=["squeeze_x", "squeeze_through_conv3"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_inference_path_matches_reference(channels_last, through_conv, mode, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_inference_path_matches_reference(channels_last, through_conv, mode, batch, monkeypatch):
     # the small net's tensors are below the threshold: force the squeeze through conv3 (or forbid it)
     monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9 if through_conv else 10**18)
     taken = []
     monkeypatch.setattr(_attn, "squeeze_through_conv", lambda *a: taken.append(squeeze_through_conv(*a)) or taken[-1])
     net = _net("bottleneck", torch.float64, channels_last).eval()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
     before = x.clone()
     with getattr(torch, mode)():
         got = net(x)
@@ -312,6 +314,50 @@ def test_inference_path_matches_reference(channels_last, through_conv, mode, mon
     torch.testing.assert_close(got, want, **TOL[torch.float64])
     assert torch.equal(x, before)
     assert len(taken) == 4 and all((z is not None) == through_conv for z in taken)
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("given_z", [False, True], ids=["squeeze_x", "given_z"])
+def test_infer_excitation_matches_the_modules(batch, bias, given_z):
+    # the lean inference excitation: sum with 1/HW as fc1's GEMM alpha, GEMV at batch 1, in-place acts
+    se = create_attention("se", 48, bias=bias).double()
+    x = torch.randn(batch, 48, 5, 7, dtype=torch.float64)
+    want = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean((2, 3)))))).view(batch, 48, 1, 1)  # eqs. 2-3, by modules
+    with torch.inference_mode():
+        got = se.infer_excitation(x, x.mean((2, 3), keepdim=True) if given_z else None)
+    assert got.shape == (batch, 48, 1, 1)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_infer_excitation_steps_aside_where_the_modules_matter():
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    calls = []
+    hooked = create_attention("se_released", 16).double()
+    hooked.fc1.register_forward_hook(lambda *a: calls.append("fc1"))
+
+    class Doubled(SqueezeExcite):  # a subclass's own pooled_logits is honoured
+        def pooled_logits(self, z):
+            return 2 * super().pooled_logits(z)
+
+    blocks = [hooked, create_attention("se_released", 16, gate="hard_sigmoid").double(),
+              create_attention("se_released", 16, fc="conv").double(), Doubled(16, bias=True).double()]
+    for block in blocks:
+        with torch.no_grad():
+            torch.testing.assert_close(block.infer_excitation(x), block.excitation(x), **TOL[torch.float64])
+    assert calls == ["fc1", "fc1"]  # infer_excitation and excitation both called the hooked module
+
+
+def test_cheap_onnx_export_flag_follows_torch(monkeypatch):
+    from torch.onnx._internal.exporter import _flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    for dynamo_flag in (False, True):
+        for script_flag in (False, True):
+            monkeypatch.setattr(_flags, "_is_onnx_exporting", dynamo_flag)
+            monkeypatch.setattr(GLOBALS, "_in_onnx_export", script_flag)
+            assert fused._in_onnx_export() == torch.onnx.is_in_onnx_export() == (dynamo_flag or script_flag)
+            assert fused.eager() == (not (dynamo_flag or script_flag))
 
 
 def test_plain_resnet_inference_adds_in_place_with_the_same_result():

@@ -65,8 +65,10 @@ def observed(*modules: nn.Module) -> bool:
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
             or _module._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in modules)
+    for m in modules:  # a loop, not any(generator): this runs several times per unit, per call
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
 
 
 def can_fuse(attn: nn.Module, act: nn.Module) -> bool:
@@ -290,8 +292,27 @@ def scale_by_excitation(x: torch.Tensor, excite, params: tuple[torch.Tensor, ...
     return _ScaleByExcitation.apply(x, excite, *params)
 
 
+def _onnx_export_flag():
+    """A cheap ``torch.onnx.is_in_onnx_export``: the public function imports two modules on every call
+    (~2.5 us, several times per residual unit); read the same two flags directly where this torch has
+    them, else call it."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # another torch layout: the public function, whatever it costs
+        return torch.onnx.is_in_onnx_export
+    if not (hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export")):
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_in_onnx_export = _onnx_export_flag()
+
+
 def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    if torch.compiler.is_compiling():  # dynamo folds the public checks; it refuses to trace the flags
+        return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or _in_onnx_export() or torch.compiler.is_exporting()
 
 
 def eager() -> bool:
@@ -340,7 +361,11 @@ def infer_scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tenso
     """``relu(attn(x) + shortcut)`` in inference: one ``addcmul`` + ``relu_``, written into ``x`` itself
     when ``inplace`` (``x`` is a fresh tensor nobody else holds, as the plain ResNet's ``out += identity``);
     ``z``: the pooled ``mean_hw x`` (B, C, 1, 1) when already known (``squeeze_through_conv``)."""
-    s = attn.gate(attn.logits(x) if z is None else attn.pooled_logits(z))
+    infer = getattr(attn, "infer_excitation", None)
+    if infer is not None:
+        s = infer(x, z)
+    else:
+        s = attn.gate(attn.logits(x) if z is None else attn.pooled_logits(z))
     if inplace:
         return torch.addcmul(shortcut, x, s, out=x).relu_()
     return _plain(x, s, shortcut)
