@@ -80,6 +80,16 @@ def ratio(num: list[float], den: list[float]) -> dict[str, float]:
             "median_ci_low": float(np.percentile(boot, 2.5)), "median_ci_high": float(np.percentile(boot, 97.5))}
 
 
+def paired_difference(a: list[float], b: list[float], resamples: int = 2000) -> dict[str, float]:
+    """Median of the per-round differences ``a - b`` (seconds in, ms out) with a 95% bootstrap interval:
+    each round's pair stays together, so load that hits both of a round's subjects cancels."""
+    d = 1e3 * (np.asarray(a, float) - np.asarray(b, float))
+    idx = np.random.default_rng(0).integers(0, d.size, size=(resamples, d.size))
+    boot = np.median(d[idx], axis=1)
+    return {"ms": float(np.median(d)), "ci_low": float(np.percentile(boot, 2.5)),
+            "ci_high": float(np.percentile(boot, 97.5)), "rounds": int(d.size)}
+
+
 def median_ms(rounds: list[float]) -> float:
     return 1e3 * float(np.median(rounds))
 
@@ -200,7 +210,7 @@ def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> 
     res = measure(subjects, batch, cfg, CPU)
     base = subjects[-1]
     per_round = {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in subjects}
-    out = {"per_call": res, "ratio_to_" + base.name: {
+    out = {"per_call": res, "per_round_s": per_round, "ratio_to_" + base.name: {
         s.name: ratio(per_round[s.name], per_round[base.name]) for s in subjects[:-1]}}
     print(f"  batch {batch} {'train' if cfg.train else 'infer'}: " + ", ".join(
         f"{s.name} {res[s.name]['p50_ms']:.1f} ms" for s in subjects) + " | " + ", ".join(
@@ -261,8 +271,8 @@ class Ablated(nn.Module):
 
 def bench_decompose(args) -> dict:
     """Where se_resnet50's inference overhead over resnet50 goes: the same se_resnet50 with its SE unit
-    ends ablated step by step (``Ablated``), all interleaved with resnet50; the steps' differences
-    price the structure (no SE work), the scale, the squeeze and the excitation."""
+    ends ablated step by step (``Ablated``), all interleaved with resnet50; the steps' paired per-round
+    differences price the structure (no SE work), the scale, the squeeze and the excitation."""
     se = create_model("se_resnet50")
     models = {"se_resnet50": se, **{f"se_only_{p}": Ablated(se, p) for p in ("squeeze", "scale", "add")},
               "resnet50": create_model("resnet50")}
@@ -270,12 +280,13 @@ def bench_decompose(args) -> dict:
     for batch in args.infer_batch:
         cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
         res = run_subjects(models, cfg, batch)
-        ms = {n: r["p50_ms"] for n, r in res["per_call"].items()}
-        res["parts_ms"] = {"structure": ms["se_only_add"] - ms["resnet50"],
-                           "scale_vs_add": ms["se_only_scale"] - ms["se_only_add"],
-                           "squeeze": ms["se_only_squeeze"] - ms["se_only_scale"],
-                           "excitation": ms["se_resnet50"] - ms["se_only_squeeze"]}
-        print("  parts (differences of medians, ms): " + ", ".join(f"{k} {v:+.2f}" for k, v in res["parts_ms"].items()))
+        steps = {"structure": ("se_only_add", "resnet50"), "scale_vs_add": ("se_only_scale", "se_only_add"),
+                 "squeeze": ("se_only_squeeze", "se_only_scale"), "excitation": ("se_resnet50", "se_only_squeeze"),
+                 "total": ("se_resnet50", "resnet50")}
+        rounds = res["per_round_s"]
+        res["parts_ms"] = {k: paired_difference(rounds[a], rounds[b]) for k, (a, b) in steps.items()}
+        print("  parts (median paired per-round differences, ms, 95% CI): " + ", ".join(
+            f"{k} {v['ms']:+.2f} [{v['ci_low']:+.2f}, {v['ci_high']:+.2f}]" for k, v in res["parts_ms"].items()))
         results[f"infer_b{batch}"] = res
     return results
 

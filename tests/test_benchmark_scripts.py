@@ -29,3 +29,13 @@ def test_ablated_se_network_prices_the_parts_it_says():
     assert torch.equal(out["add"], without_se)  # "add": the unit ends of the network without SE
     assert torch.equal(out["scale"], out["squeeze"])  # the squeeze's value is computed and dropped
     assert not torch.allclose(out["scale"], out["add"]) and not torch.allclose(full, out["scale"])
+
+
+def test_paired_difference_keeps_rounds_together():
+    # a round-wide slowdown hits both subjects of that round: the paired difference ignores it
+    b = [0.100, 0.150, 0.100, 0.300, 0.100]  # seconds, rounds 2 and 4 under load
+    a = [t + 0.002 for t in b]
+    d = se_overhead.paired_difference(a, b)
+    assert abs(d["ms"] - 2.0) < 1e-9 and abs(d["ci_low"] - 2.0) < 1e-9 and abs(d["ci_high"] - 2.0) < 1e-9
+    d = se_overhead.paired_difference([0.010, 0.012, 0.011, 0.013], [0.009, 0.009, 0.010, 0.010])  # 1, 3, 1, 3 ms
+    assert d["rounds"] == 4 and abs(d["ms"] - 2.0) < 1e-9 and d["ci_low"] <= d["ms"] <= d["ci_high"]
