@@ -168,7 +168,7 @@ def test_train_attach_user_errors(tmp_path, capsys):
 # ----------------------------------------------------------------------------- provenance
 
 
-def test_provenance_in_one_place(tmp_path):
+def test_provenance_in_one_place(tmp_path, monkeypatch):
     import subprocess
     from pathlib import Path
 
@@ -180,7 +180,10 @@ def test_provenance_in_one_place(tmp_path):
     assert rev is None if not head else rev.removesuffix("-dirty") == head
     hits = P.git_revision.cache_info().hits
     assert P.git_revision() == rev and P.git_revision.cache_info().hits == hits + 1  # computed once
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("SENET_UNRELATED_VAR", "x")
     block = P.provenance({"lr": 0.1}, "cpu")
+    assert block["device"]["env"]["MALLOC_MMAP_MAX_"] == "0" and "SENET_UNRELATED_VAR" not in block["device"]["env"]
     assert block["versions"] == {**P.versions(), "torch": torch.__version__, "senet": senet.__version__}
     assert block["device"]["type"] == "cpu" and block["git_revision"] == rev and block["config"] == {"lr": 0.1}
     path = P.write_json(tmp_path / "r.json", {**block, "x": np.float32(0.5), "a": np.arange(2), "p": tmp_path})

@@ -65,13 +65,25 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+# environment variables that change speed without changing code: thread pools, the allocator
+_PERF_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "DNNL_", "ONEDNN_", "MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD",
+                      "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_")
+
+
+def performance_env() -> dict[str, str]:
+    """The set environment variables that change speed without changing code (thread pools, allocator
+    settings such as ``MALLOC_MMAP_MAX_`` or an ``LD_PRELOAD``-ed jemalloc, inductor options)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_PERF_ENV_PREFIXES)}
+
+
 def provenance(config: dict, device: torch.device | str) -> dict:
-    """The block every senet results file carries: config, versions, device, git revision, time."""
+    """The block every senet results file carries: config, versions, device (with the environment
+    variables that change speed), git revision, time."""
     return {
         "config": config,
         "versions": versions(),
         "device": {"type": torch.device(device).type, "name": device_name(device),
-                   "threads": torch.get_num_threads()},
+                   "threads": torch.get_num_threads(), "env": performance_env()},
         "git_revision": git_revision(),
         "created": now(),
     }
