@@ -488,6 +488,27 @@ def test_plain_resnet_training_adds_in_place_with_the_same_gradients():
     _assert_same(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+def test_scale_shift_is_x_times_scale_plus_shift(dtype, layout, monkeypatch):
+    x = torch.randn(3, 5, 4, 6, dtype=dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(3, 5, 4, 12, dtype=dtype)[..., ::2]
+    scale, shift = torch.rand(3, 5, 1, 1, dtype=dtype), torch.randn(3, 5, 1, 1, dtype=dtype)
+    want = torch.empty_like(x)
+    for b in range(3):
+        for c in range(5):
+            want[b, c] = x[b, c] * scale[b, c, 0, 0] + shift[b, c, 0, 0]
+    calls, real = [], torch.addcmul
+    monkeypatch.setattr(torch, "addcmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = fused.scale_shift(x, scale, shift)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert calls == ([] if layout == "nchw" else [1])  # NCHW: BatchNorm's kernel, not addcmul
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "mixed"])
 def test_channel_sums_by_hand(dtype, layout):

@@ -128,7 +128,7 @@ class _ExciteScaleAddReLU(torch.autograd.Function):
         kept, params = rest[:ctx.kept], rest[ctx.kept:]
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
         dz, *dparams = _recompute_grads(ctx.fc, z, params, _grad_a(g_pre, y, s, kept))
-        grad_x = torch.addcmul(dz / ctx.hw, g_pre, s)  # g_pre s + dz / HW: one pass
+        grad_x = scale_shift(g_pre, s, dz / ctx.hw)  # g_pre s + dz / HW: one pass
         return grad_x, g_pre, None, None, None, None, None, *dparams
 
 
@@ -206,6 +206,26 @@ def _sum_squares(c: torch.Tensor) -> torch.Tensor:
     return channel_dot(c, c).flatten(1)
 
 
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with ``scale``, ``shift`` (B, C, 1, 1): a fresh (B, C, H, W) tensor in one pass.
+
+    The backward's ``dL/dx = g s + dL/dz / HW``. On an NCHW tensor ATen's ``addcmul`` with two operands
+    broadcast over H, W leaves its vectorised loop: 2.5-4x the time of a copy at ResNet-50's SE sizes
+    (CPU, batch 16). BatchNorm's inference kernel computes exactly ``x * weight + bias`` per channel when
+    mean is 0, variance 1 and eps 0, vectorised along H, W: on ``x`` viewed as one sample of B*C
+    channels it is one call at copy speed, bit for bit the same values here. channels_last tensors
+    (broadcast along the contiguous C: vectorised anyway), other devices, dtypes and compiled code: addcmul.
+    """
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or scale.dtype != x.dtype or shift.dtype != x.dtype or x.dim() != 4 or not x.is_contiguous()):
+        return torch.addcmul(shift, x, scale)
+    B, C, H, W = x.shape
+    n = B * C
+    out, _, _ = torch.native_batch_norm(x.view(1, n, H, W), scale.reshape(n), shift.reshape(n), x.new_zeros(n),
+                                        x.new_ones(n), False, 0.0, 0.0)
+    return out.view(B, C, H, W)
+
+
 def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_hw g x, Σ_hw g) for every (b, c), each (B, C, 1, 1), in one pass over ``g`` and ``x``.
 
@@ -272,7 +292,7 @@ class _ScaleByExcitation(torch.autograd.Function):
     def backward(ctx, g):
         x, z, s, *params = ctx.saved_tensors
         dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_sums(g, x)[0])  # dL/ds = Σ_hw g x
-        grad_x = torch.addcmul(dz / (x.shape[2] * x.shape[3]), g, s)  # g s + dz / HW, (B, C, H, W)
+        grad_x = scale_shift(g, s, dz / (x.shape[2] * x.shape[3]))  # g s + dz / HW, (B, C, H, W)
         return grad_x, None, *dparams
 
 
