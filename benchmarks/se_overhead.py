@@ -72,22 +72,22 @@ def interleave(steps: dict[str, Callable[[], object]], *, rounds: int, iters: in
 def ratio(num: list[float], den: list[float]) -> dict[str, float]:
     """sum(num) / sum(den) over paired rounds with its 95% bootstrap interval (``senet.bench``), and the
     median of the per-round ratios with a bootstrap interval (robust to a round hit by other load)."""
-    out = paired_ratio_ci(num, den)
-    per_round = np.asarray(num) / np.asarray(den)
-    idx = np.random.default_rng(0).integers(0, per_round.size, size=(2000, per_round.size))
-    boot = np.median(per_round[idx], axis=1)
-    return {**out, "median_round_ratio": float(np.median(per_round)),
-            "median_ci_low": float(np.percentile(boot, 2.5)), "median_ci_high": float(np.percentile(boot, 97.5))}
+    mid, low, high = median_ci(np.asarray(num) / np.asarray(den))
+    return {**paired_ratio_ci(num, den), "median_round_ratio": mid, "median_ci_low": low, "median_ci_high": high}
 
 
-def paired_difference(a: list[float], b: list[float], resamples: int = 2000) -> dict[str, float]:
+def median_ci(values: np.ndarray, resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of per-round values with its 95% bootstrap interval (rounds resampled, fixed seed)."""
+    idx = np.random.default_rng(0).integers(0, values.size, size=(resamples, values.size))
+    boot = np.median(values[idx], axis=1)
+    return float(np.median(values)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
     """Median of the per-round differences ``a - b`` (seconds in, ms out) with a 95% bootstrap interval:
     each round's pair stays together, so load that hits both of a round's subjects cancels."""
-    d = 1e3 * (np.asarray(a, float) - np.asarray(b, float))
-    idx = np.random.default_rng(0).integers(0, d.size, size=(resamples, d.size))
-    boot = np.median(d[idx], axis=1)
-    return {"ms": float(np.median(d)), "ci_low": float(np.percentile(boot, 2.5)),
-            "ci_high": float(np.percentile(boot, 97.5)), "rounds": int(d.size)}
+    mid, low, high = median_ci(1e3 * (np.asarray(a, float) - np.asarray(b, float)))
+    return {"ms": mid, "ci_low": low, "ci_high": high, "rounds": len(a)}
 
 
 def median_ms(rounds: list[float]) -> float:
