@@ -348,6 +348,24 @@ def test_infer_excitation_steps_aside_where_the_modules_matter():
     assert calls == ["fc1", "fc1"]  # infer_excitation and excitation both called the hooked module
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_inference_under_autocast_matches_reference(batch):
+    # the lean excitation steps aside under autocast (its GEMV would not cast); bfloat16 on the CPU
+    net = _net("bottleneck", torch.float32, False).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net(x)
+        with reference_path():
+            want = net(x)
+    with torch.inference_mode():
+        exact = net(x)  # float32
+    assert got.dtype == want.dtype == torch.bfloat16
+    # fused or not, both round differently in bfloat16 (8 bits): each is as close to float32 as the other
+    err_got, err_want = (got.float() - exact).abs().max(), (want.float() - exact).abs().max()
+    assert err_got <= 2 * err_want + 1e-3 and err_want <= 2 * err_got + 1e-3
+    torch.testing.assert_close(got.float(), exact, rtol=5e-2, atol=1e-2)
+
+
 def test_cheap_onnx_export_flag_follows_torch(monkeypatch):
     from torch.onnx._internal.exporter import _flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS

@@ -90,16 +90,18 @@ class SqueezeExcite(nn.Module):
         """``excitation(x)`` for eager inference (no autograd), ``z``: ``mean_hw x`` (B, C, 1, 1) when known.
 
         The same values up to float rounding in fewer, cheaper calls where nothing can tell the
-        difference (plain Linear FCs, ReLU and sigmoid modules that nobody hooks, this very class): the
-        squeeze as a sum whose ``1 / HW`` rides in fc1's GEMM (``alpha``), GEMVs at batch 1, ReLU and
-        sigmoid in place, no module calls. Per block at batch 1 that is ~25 us less (docs/performance.md),
-        a share of ResNet-50's ~100 ms worth having when the target is 2 %.
+        difference (plain Linear FCs, ReLU and sigmoid modules that nobody hooks, this very class, ``x``
+        in the weights' dtype, no autocast): the squeeze as a sum whose ``1 / HW`` rides in fc1's GEMM
+        (``alpha``), GEMVs at batch 1, ReLU and sigmoid in place, no module calls. Per block at batch 1
+        that is ~25 us less (docs/performance.md), a share of ResNet-50's ~100 ms worth having when the
+        target is 2 %.
         """
         m = self._modules  # one dict, not eight Module.__getattr__ calls (they cost ~0.4 us each)
         fc1, act, fc2, gate = m["fc1"], m["act"], m["fc2"], m["gate"]
         if not (type(self) is SqueezeExcite and self.pool == "avg" and type(fc1) is nn.Linear
                 and type(fc2) is nn.Linear and type(act) is nn.ReLU and type(gate) is nn.Sigmoid
-                and not observed(fc1, act, fc2, gate)):
+                and not observed(fc1, act, fc2, gate) and x.dtype == fc1.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):  # autocast: F.linear casts, addmv would not
             return gate(self.logits(x) if z is None else self.pooled_logits(z))
         if z is None:
             check_input(x, self.channels, "SqueezeExcite")
