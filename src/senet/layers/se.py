@@ -107,7 +107,7 @@ class SqueezeExcite(nn.Module):
             check_input(x, self.channels, "SqueezeExcite")
             z, alpha = x.sum((2, 3)), 1.0 / (x.shape[2] * x.shape[3])
         else:
-            z, alpha = z.view(z.shape[0], self.channels), 1.0
+            z, alpha = z.reshape(z.shape[0], self.channels), 1.0
         h = _affine(z, fc1.weight, fc1.bias, alpha).relu_()
         return _affine(h, fc2.weight, fc2.bias).sigmoid_().view(z.shape[0], self.channels, 1, 1)
 
