@@ -83,8 +83,10 @@ class SqueezeExcite(nn.Module):
 
     def _functional(self) -> bool:
         """Plain ``nn.Linear``/``nn.ReLU`` FCs that nobody hooks, in eager mode: call their ops directly."""
-        return (type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear and type(self.act) is nn.ReLU
-                and eager() and not observed(self.fc1, self.act, self.fc2))
+        m = self._modules  # one dict, not six Module.__getattr__ calls (they cost ~0.4 us each)
+        fc1, act, fc2 = m["fc1"], m["act"], m["fc2"]
+        return (type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.ReLU
+                and eager() and not observed(fc1, act, fc2))
 
     def infer_excitation(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """``excitation(x)`` for eager inference (no autograd), ``z``: ``mean_hw x`` (B, C, 1, 1) when known.
@@ -96,11 +98,10 @@ class SqueezeExcite(nn.Module):
         that is ~25 us less (docs/performance.md), a share of ResNet-50's ~100 ms worth having when the
         target is 2 %.
         """
-        m = self._modules  # one dict, not eight Module.__getattr__ calls (they cost ~0.4 us each)
-        fc1, act, fc2, gate = m["fc1"], m["act"], m["fc2"], m["gate"]
-        if not (type(self) is SqueezeExcite and self.pool == "avg" and type(fc1) is nn.Linear
-                and type(fc2) is nn.Linear and type(act) is nn.ReLU and type(gate) is nn.Sigmoid
-                and not observed(fc1, act, fc2, gate) and x.dtype == fc1.weight.dtype
+        m = self._modules
+        fc1, fc2, gate = m["fc1"], m["fc2"], m["gate"]
+        if not (type(self) is SqueezeExcite and self.pool == "avg" and type(gate) is nn.Sigmoid
+                and self._functional() and not observed(gate) and x.dtype == fc1.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)):  # autocast: F.linear casts, addmv would not
             return gate(self.logits(x) if z is None else self.pooled_logits(z))
         if z is None:
