@@ -206,6 +206,14 @@ def _sum_squares(c: torch.Tensor) -> torch.Tensor:
     return channel_dot(c, c).flatten(1)
 
 
+def _bn_kernels_fit(*tensors: torch.Tensor) -> bool:
+    """Whether BatchNorm's CPU kernels may stand in for per-(b, c) ops on ``tensors`` (``channel_sums``,
+    ``scale_shift``): eager, CPU, all float32 or all float64."""
+    dtype = tensors[0].dtype
+    return (not torch.compiler.is_compiling() and dtype in (torch.float32, torch.float64)
+            and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors))
+
+
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` with ``scale``, ``shift`` (B, C, 1, 1): a fresh (B, C, H, W) tensor in one pass.
 
@@ -216,8 +224,7 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     channels it is one call at copy speed, bit for bit the same values here. channels_last tensors
     (broadcast along the contiguous C: vectorised anyway), other devices, dtypes and compiled code: addcmul.
     """
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or scale.dtype != x.dtype or shift.dtype != x.dtype or x.dim() != 4 or not x.is_contiguous()):
+    if not (_bn_kernels_fit(x, scale, shift) and x.dim() == 4 and x.is_contiguous()):
         return torch.addcmul(shift, x, scale)
     B, C, H, W = x.shape
     n = B * C
@@ -235,8 +242,7 @@ def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     channels_last ones go sample by sample. About 3x faster than ``channel_dot`` + ``sum`` here
     (CPU float32, ResNet-50's SE activations). Elsewhere (other devices/dtypes, compiled): those.
     """
-    if torch.compiler.is_compiling() or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64) \
-            or x.dtype != g.dtype or g.shape != x.shape:
+    if not _bn_kernels_fit(g, x) or g.shape != x.shape:
         return channel_dot(g, x), g.sum((2, 3), keepdim=True)
     B, C, H, W = g.shape
     mask = [False, True, True]
