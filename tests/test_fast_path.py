@@ -190,18 +190,25 @@ def test_saved_activations_drop_the_bn_output():
     assert ref - fast == x_bytes + hidden_bytes - ab_bytes
 
 
-def test_hooks_see_the_unfused_call():
-    # senet analyze/prune hook `attn`: the unit must then call it, and the output stays the same
+@pytest.mark.parametrize("where, shape, exact", [
+    ("layer1.0.attn", (2, 256, 8, 8), False),  # senet analyze/prune hook `attn`: the unit calls it
+    ("layer2.0.attn.fc1", (2, 512 // 16), True),  # inference runs the FCs as plain ops unless watched
+])
+def test_hooks_see_the_unfused_call(where, shape, exact):
+    # a watched module is called as a module, and the output stays the same
     model = _net("bottleneck", torch.float64, False).eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     seen = []
     with torch.no_grad():
         want = model(x)
-        handle = model.layer1[0].attn.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+        handle = model.get_submodule(where).register_forward_hook(lambda m, a, o: seen.append(o.shape))
         got = model(x)
         handle.remove()
-    assert seen == [(2, 256, 8, 8)]
-    torch.testing.assert_close(got, want)
+    assert seen == [shape]
+    if exact:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want)
 
 
 def test_no_grad_path_is_plain_ops():
@@ -422,20 +429,6 @@ def test_squeeze_through_conv_by_hand(monkeypatch):
     assert squeeze_through_conv(conv, h, bn.train(), x) is None
     monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 2**18)  # the default: these are tiny
     assert squeeze_through_conv(conv, h, bn.eval(), x) is None
-
-
-def test_fc_hooks_fire_in_inference():
-    # the FCs run as plain ops unless somebody watches them; then as modules, same values
-    net = _net("bottleneck", torch.float64, False).eval()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    seen = []
-    with torch.no_grad():
-        want = net(x)
-        handle = net.layer2[0].attn.fc1.register_forward_hook(lambda m, a, out: seen.append(out.shape))
-        got = net(x)
-        handle.remove()
-    assert seen == [(2, 512 // 16)]
-    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("attn", ["se_released", None])
