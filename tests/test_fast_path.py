@@ -64,6 +64,16 @@ def _assert_same(fast, ref, dtype):
         torch.testing.assert_close(gp1[name] / s, gp2[name] / s, **TOL[dtype], msg=name)
 
 
+def _assert_matches_reference(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, run=None) -> None:
+    """``_step`` of ``model`` (or of ``run``, a compiled wrapper of it) against a copy of ``model`` on the
+    reference path."""
+    ref = copy.deepcopy(model)
+    got = _step(model, x) if run is None else _step(run, x, params=model)
+    with reference_path():
+        want = _step(ref, x)
+    _assert_same(got, want, dtype)
+
+
 def _errors(got, truth) -> dict[str, float]:
     """max |got - truth| / max |truth| for the output, the input gradient and each parameter gradient."""
     def err(a, t):
@@ -99,13 +109,8 @@ def test_same_outputs_and_gradients_as_reference(channels_last, train):
 
 @pytest.mark.parametrize("attn", ["se", "se_mobilenetv3"])  # FCs without bias; 1x1 convs + hard-sigmoid
 def test_basic_block_and_other_gates_match(attn):
-    fast = _net("basic", torch.float64, False, attn)
-    ref = copy.deepcopy(fast)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    got = _step(fast, x)
-    with reference_path():
-        want = _step(ref, x)
-    _assert_same(got, want, torch.float64)
+    _assert_matches_reference(_net("basic", torch.float64, False, attn), torch.randn(2, 3, 32, 32, dtype=torch.float64),
+                              torch.float64)
 
 
 @pytest.mark.parametrize("from_bn", [False, True], ids=["keep_shortcut", "keep_bn_input"])
@@ -240,12 +245,8 @@ def test_torch_compile_matches_eager_reference(backend, dtype, channels_last, tr
     # fullgraph: the custom autograd function must trace without graph breaks
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     unit = _unit("basic" if backend == "inductor" else "bottleneck").to(dtype=dtype, memory_format=fmt).train(train)
-    ref = copy.deepcopy(unit)
     x = torch.randn(2, 16, 6, 6, dtype=dtype).contiguous(memory_format=fmt)
-    got = _step(torch.compile(unit, backend=backend, fullgraph=True), x, params=unit)
-    with reference_path():
-        want = _step(ref, x)
-    _assert_same(got, want, dtype)
+    _assert_matches_reference(unit, x, dtype, run=torch.compile(unit, backend=backend, fullgraph=True))
 
 
 # --- the SE block alone: x * s(mean x) with the squeeze's gradient folded into the scale's -----------
@@ -491,12 +492,7 @@ def test_batch_norm_with_affine_declines_or_refuses():
 
 def test_plain_resnet_training_adds_in_place_with_the_same_gradients():
     net = _net("bottleneck", torch.float64, False, attn=None).train()
-    ref = copy.deepcopy(net)
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    got = _step(net, x)
-    with reference_path():
-        want = _step(ref, x)
-    _assert_same(got, want, torch.float64)
+    _assert_matches_reference(net, torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
