@@ -91,26 +91,26 @@ class SqueezeExcite(nn.Module):
     def infer_excitation(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """``excitation(x)`` for eager inference (no autograd), ``z``: ``mean_hw x`` (B, C, 1, 1) when known.
 
-        The same values up to float rounding in fewer, cheaper calls where nothing can tell the
-        difference (plain Linear FCs, ReLU and sigmoid modules that nobody hooks, this very class, ``x``
-        in the weights' dtype, no autocast): the squeeze as a sum whose ``1 / HW`` rides in fc1's GEMM
-        (``alpha``), GEMVs at batch 1, ReLU and sigmoid in place, no module calls. Per block at batch 1
-        that is ~25 us less (docs/performance.md), a share of ResNet-50's ~100 ms worth having when the
-        target is 2 %.
+        The same values up to float rounding in as few Python steps as possible where nothing can tell
+        the difference (this very class, plain Linear FCs, ReLU and sigmoid modules that nobody hooks,
+        ``x`` in the weights' dtype, no autocast): six tensor calls, no module calls, ReLU and sigmoid in
+        place. Inside a network at batch 1 every Python step costs ~10x what it costs in a loop (the
+        convolutions evict the interpreter's and dispatcher's data from the caches): a module call or
+        a check is worth ~10 us there, a share of ResNet-50's ~90 ms that the 2 % target cannot spare
+        (docs/performance.md). Callers: ``forward`` and the residual units, both only in eager inference.
         """
-        m = self._modules
-        fc1, fc2, gate = m["fc1"], m["fc2"], m["gate"]
-        if not (type(self) is SqueezeExcite and self.pool == "avg" and type(gate) is nn.Sigmoid
-                and self._functional() and not observed(gate) and x.dtype == fc1.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):  # autocast: F.linear casts, addmv would not
-            return gate(self.logits(x) if z is None else self.pooled_logits(z))
-        if z is None:
-            check_input(x, self.channels, "SqueezeExcite")
-            z, alpha = x.sum((2, 3)), 1.0 / (x.shape[2] * x.shape[3])
-        else:
-            z, alpha = z.reshape(z.shape[0], self.channels), 1.0
-        h = _affine(z, fc1.weight, fc1.bias, alpha).relu_()
-        return _affine(h, fc2.weight, fc2.bias).sigmoid_().view(z.shape[0], self.channels, 1, 1)
+        m = self._modules  # one dict, not Module.__getattr__ per name (~0.4-0.9 us each, hot)
+        fc1, act, fc2, gate = m["fc1"], m["act"], m["fc2"], m["gate"]
+        if (type(self) is SqueezeExcite and type(fc1) is nn.Linear and type(fc2) is nn.Linear
+                and type(act) is nn.ReLU and type(gate) is nn.Sigmoid and self.pool == "avg"
+                and not observed(fc1, act, fc2, gate) and not torch.is_autocast_enabled(x.device.type)):
+            w1, w2 = fc1._parameters.get("weight"), fc2._parameters.get("weight")
+            if w1 is not None and w2 is not None and x.dtype == w1.dtype:
+                b = x.shape[0]
+                z = x.mean((2, 3)) if z is None else z.view(b, self.channels)  # (B, C)
+                h = F.linear(z, w1, fc1._parameters.get("bias")).relu_()
+                return F.linear(h, w2, fc2._parameters.get("bias")).sigmoid_().view(b, self.channels, 1, 1)
+        return gate(self.logits(x) if z is None else self.pooled_logits(z))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's input W2 δ(W1 z), shaped (B, C, 1, 1) (``senet.layers.fused`` applies the gate)."""
@@ -129,19 +129,13 @@ class SqueezeExcite(nn.Module):
         if self.pool == "avg" and can_recompute(self, x):  # training: one pass less backward
             check_input(x, self.channels, type(self).__name__)
             return scale_by_excitation(x, self.excite, tuple(self.parameters()))
-        return x * (self.infer_excitation(x) if inference() else self.excitation(x))
+        if inference():
+            check_input(x, self.channels, type(self).__name__)
+            return x * self.infer_excitation(x)
+        return x * self.excitation(x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, hidden={self.hidden}, fc={self.fc_kind}, pool={self.pool}"
-
-
-def _affine(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float = 1.0) -> torch.Tensor:
-    """``alpha * z @ weight.T + bias`` for z (B, in), as a GEMV at batch 1 (no autograd: ``infer_excitation``)."""
-    if z.shape[0] == 1:
-        out = (torch.mv(weight, z[0]) if bias is None else torch.addmv(bias, weight, z[0], alpha=alpha)).unsqueeze(0)
-    else:
-        out = torch.mm(z, weight.t()) if bias is None else torch.addmm(bias, z, weight.t(), alpha=alpha)
-    return out.mul_(alpha) if bias is None and alpha != 1.0 else out
 
 
 def _conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:
