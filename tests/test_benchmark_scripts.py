@@ -39,3 +39,44 @@ def test_paired_difference_keeps_rounds_together():
     assert abs(d["ms"] - 2.0) < 1e-9 and abs(d["ci_low"] - 2.0) < 1e-9 and abs(d["ci_high"] - 2.0) < 1e-9
     d = se_overhead.paired_difference([0.010, 0.012, 0.011, 0.013], [0.009, 0.009, 0.010, 0.010])  # 1, 3, 1, 3 ms
     assert d["rounds"] == 4 and abs(d["ms"] - 2.0) < 1e-9 and d["ci_low"] <= d["ms"] <= d["ci_high"]
+
+
+def _probe():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "fused_kernel_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "fused_kernel_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fused_squeeze_probe_matches_torch(tmp_path, monkeypatch):
+    # the probe's C kernel (BN + squeeze in one pass) against torch, alone and inside a network
+    import shutil
+
+    import pytest
+
+    if shutil.which("cc") is None and "CC" not in __import__("os").environ:
+        pytest.skip("no C compiler")
+    probe = _probe()
+    dll = probe.build(tmp_path)
+    assert max(probe.check(dll).values()) < 1e-5  # the probe's own check, which raises above 1e-5
+    bn = torch.nn.BatchNorm2d(3, affine=False).eval()  # no weight, no bias: the kernel's NULL pointers
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(4.0)
+    c = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    x, z = probe.bn_squeeze(dll, bn, c)
+    by_hand = (c - 0.5) / (4.0 + bn.eps) ** 0.5
+    assert torch.allclose(x, by_hand, atol=1e-6) and torch.allclose(z, by_hand.mean((2, 3), keepdim=True), atol=1e-6)
+    calls = []
+    real_kernel, real_merge = probe.bn_squeeze, _attn.AttnUnit._merge
+    monkeypatch.setattr(probe, "bn_squeeze", lambda *a: calls.append(1) or real_kernel(*a))
+    torch.manual_seed(0)
+    se = ResNet("bottleneck", [1, 1, 1, 1], attn="se", num_classes=5).eval()
+    img = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        fused, ref = probe.FusedSqueeze(se, dll)(img), se(img)
+    assert len(calls) == 4 and _attn.AttnUnit._merge is real_merge  # every SE unit end; restored after
+    assert torch.allclose(fused, ref, atol=1e-5)
