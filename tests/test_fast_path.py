@@ -328,7 +328,7 @@ def test_inference_path_matches_reference(channels_last, through_conv, mode, bat
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("given_z", [False, True], ids=["squeeze_x", "given_z"])
 def test_infer_excitation_matches_the_modules(batch, bias, given_z):
-    # the lean inference excitation: sum with 1/HW as fc1's GEMM alpha, GEMV at batch 1, in-place acts
+    # the lean inference excitation: mean, two linears, in-place ReLU and sigmoid, no module calls
     se = create_attention("se", 48, bias=bias).double()
     x = torch.randn(batch, 48, 5, 7, dtype=torch.float64)
     want = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean((2, 3)))))).view(batch, 48, 1, 1)  # eqs. 2-3, by modules
@@ -348,8 +348,12 @@ def test_infer_excitation_steps_aside_where_the_modules_matter():
         def pooled_logits(self, z):
             return 2 * super().pooled_logits(z)
 
+    swapped = create_attention("se_released", 16).double()
+    weight = 2 * swapped.fc1.weight.detach()
+    del swapped.fc1.weight
+    swapped.fc1.weight = weight  # a plain tensor attribute, no parameter (as pruning utilities leave it)
     blocks = [hooked, create_attention("se_released", 16, gate="hard_sigmoid").double(),
-              create_attention("se_released", 16, fc="conv").double(), Doubled(16, bias=True).double()]
+              create_attention("se_released", 16, fc="conv").double(), Doubled(16, bias=True).double(), swapped]
     for block in blocks:
         with torch.no_grad():
             torch.testing.assert_close(block.infer_excitation(x), block.excitation(x), **TOL[torch.float64])
