@@ -247,7 +247,9 @@ class Ablated(nn.Module):
         self.model, self.part, self.fixed = model, part, {}
 
     def _scale(self, attn, x, shortcut, *, z=None, inplace=False):
-        s = self.fixed.setdefault((id(attn), x.shape[0]), torch.full((x.shape[0], x.shape[1], 1, 1), 0.5))
+        s = self.fixed.get((id(attn), x.shape[0]))
+        if s is None:  # made once per unit and batch (setdefault would build a tensor on every call)
+            s = self.fixed[(id(attn), x.shape[0])] = torch.full((x.shape[0], x.shape[1], 1, 1), 0.5)
         return torch.addcmul(shortcut, x, s, out=x).relu_()
 
     def _squeeze(self, attn, x, shortcut, *, z=None, inplace=False):
