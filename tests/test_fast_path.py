@@ -360,9 +360,12 @@ def test_infer_excitation_steps_aside_where_the_modules_matter():
     assert calls == ["fc1", "fc1"]  # infer_excitation and excitation both called the hooked module
 
 
+@pytest.mark.parametrize("through_conv", [False, True], ids=["squeeze_x", "through_conv"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_inference_under_autocast_matches_reference(batch):
-    # the lean excitation steps aside under autocast (its GEMV would not cast); bfloat16 on the CPU
+def test_inference_under_autocast_matches_reference(batch, through_conv, monkeypatch):
+    # the lean excitation steps aside under autocast (F.linear casts, its weights would not be cast);
+    # the squeeze through conv3 mixes bfloat16 values with float32 BN statistics; bfloat16 on the CPU
+    monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9 if through_conv else 10**9)
     net = _net("bottleneck", torch.float32, False).eval()
     x = torch.randn(batch, 3, 32, 32)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -434,6 +437,20 @@ def test_squeeze_through_conv_by_hand(monkeypatch):
     assert squeeze_through_conv(conv, h, bn.train(), x) is None
     monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 2**18)  # the default: these are tiny
     assert squeeze_through_conv(conv, h, bn.eval(), x) is None
+
+
+def test_squeeze_through_conv_declines_for_a_hooked_conv(monkeypatch):
+    # a forward hook may change conv3's output: then mean_hw bn(conv3(h)) is not computable from h
+    monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9)
+    net = _net("bottleneck", torch.float64, False).eval()
+    for unit in (m for m in net.modules() if hasattr(m, "conv3")):
+        unit.conv3.register_forward_hook(lambda mod, inp, out: 2 * out)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        got = net(x)
+        with reference_path():
+            want = net(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("attn", ["se_released", None])
