@@ -439,12 +439,13 @@ def test_squeeze_through_conv_by_hand(monkeypatch):
     assert squeeze_through_conv(conv, h, bn.eval(), x) is None
 
 
-def test_squeeze_through_conv_declines_for_a_hooked_conv(monkeypatch):
-    # a forward hook may change conv3's output: then mean_hw bn(conv3(h)) is not computable from h
+@pytest.mark.parametrize("hooked", ["conv3", "bn3"])
+def test_squeeze_through_conv_declines_for_hooked_modules(hooked, monkeypatch):
+    # a forward hook may change conv3's or bn3's output: then mean_hw x is not computable from h
     monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9)
     net = _net("bottleneck", torch.float64, False).eval()
     for unit in (m for m in net.modules() if hasattr(m, "conv3")):
-        unit.conv3.register_forward_hook(lambda mod, inp, out: 2 * out)
+        getattr(unit, hooked).register_forward_hook(lambda mod, inp, out: 2 * out)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.inference_mode():
         got = net(x)

@@ -367,7 +367,7 @@ SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**18
 def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """mean_hw x for ``x = bn(conv(h))``, computed from ``h`` in inference, or None where that does not pay.
 
-    For a 1x1 conv (stride 1, no padding, one group, no hooks) and BN with running statistics (eval mode),
+    For a 1x1 conv (stride 1, no padding, one group) and BN with running statistics (eval mode), neither hooked,
     ``mean_hw bn(conv(h)) = A (W mean_hw h + b) + B``: it reads ``h`` (ResNet bottleneck: C/4 channels,
     ResNeXt 32x4d: C/2) and ``W`` instead of ``x`` - used when that is at least
     ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` elements fewer. Exact up to float rounding. Returns (B, C, 1, 1).
@@ -381,7 +381,7 @@ def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: tor
         return None
     if not (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None):
         return None
-    if observed(conv):  # a hook may have changed the conv's output: x need not be bn(conv(h))
+    if observed(conv, bn):  # a hook may have changed either's output: x need not be bn(conv(h))
         return None
     mean_c = F.linear(h.mean((2, 3)), weight.flatten(1), conv.bias)  # mean_hw conv(h), (B, C)
     # bn is affine per channel in eval mode: bn(mean_hw c) == mean_hw bn(c); one call on the pooled (B, C, 1, 1)
