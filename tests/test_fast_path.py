@@ -573,3 +573,20 @@ def test_backward_hooks_fire(where):
     want = _step(plain, x)  # the hooked unit runs unfused: same values up to float64 rounding
     for a, b in [(got[0], want[0]), (got[1], want[1]), *((got[2][n], want[2][n]) for n in want[2])]:
         torch.testing.assert_close(a / b.abs().max(), b / b.abs().max(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_the_paths_other_devices_take_match_reference(channels_last, train, monkeypatch):
+    # No GPU here: on other devices BatchNorm's CPU kernels do not stand in (channel_sums, scale_shift
+    # fall back to plain ops) and training BN runs as the module (A, B from bn_affine's reductions).
+    # Those branches, forced on the CPU, against the reference in float64.
+    real_with_affine, calls = _attn.batch_norm_with_affine, []
+    monkeypatch.setattr(fused, "_bn_kernels_fit", lambda *tensors: calls.append(1) and False)
+    monkeypatch.setattr(_attn, "batch_norm_with_affine",
+                        lambda bn, c: None if bn.training else real_with_affine(bn, c))
+    net = _net("bottleneck", torch.float64, channels_last).train(train)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    _assert_matches_reference(net, x.contiguous(memory_format=torch.channels_last) if channels_last else x,
+                              torch.float64)
+    assert calls  # the fallbacks were asked for, and taken
