@@ -12,6 +12,7 @@ threads, git revision) and the load average before and after.
     resnet  2. se_resnet50 vs resnet50 (and the unfused reference path), 224x224
     decompose  2. where se_resnet50's inference overhead goes (structure, scale, squeeze, excitation)
     timm    3. ours vs timm seresnet50, same weights: eager, channels_last, torch.compile
+    fc      Linear vs 1x1-conv SE FCs in se_resnet50 (same weights), eager, vs resnet50
     memory  4. saved activations of a training step: SE over the baseline
     onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
 
@@ -326,6 +327,37 @@ def bench_timm(args) -> dict:
     return results
 
 
+def bench_fc(args) -> dict:
+    """The issue's "Linear vs 1x1 conv FCs" in eager PyTorch: se_resnet50 with its SE FCs as ``nn.Linear``
+    (the paper's form, the default) and as 1x1 ``nn.Conv2d`` (timm's, MobileNetV3's), same weights,
+    vs resnet50, interleaved; inference and training step."""
+    from senet.convert import load_into
+
+    se = create_model("se_resnet50")
+    se_conv = create_model("se_resnet50", attn_kwargs={"fc": "conv"})
+    load_into(se_conv, se.state_dict())  # Linear (C, h) -> 1x1 conv (C, h, 1, 1): same weights
+    with torch.no_grad():
+        x = torch.randn(2, 3, 224, 224)
+        diff = (se.eval()(x) - se_conv.eval()(x)).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"Linear and 1x1-conv FCs differ by {diff:.2e} with the same weights")
+    models = {"se_resnet50_linear_fc": se, "se_resnet50_conv_fc": se_conv, "resnet50": create_model("resnet50")}
+    results = {}
+    for batch in args.infer_batch:
+        cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
+        results[f"infer_b{batch}"] = res = run_subjects(models, cfg, batch)
+        res["conv_fc_vs_linear_fc"] = ratio(res["per_round_s"]["se_resnet50_conv_fc"],
+                                            res["per_round_s"]["se_resnet50_linear_fc"])
+        print(f"  conv FCs / Linear FCs: {fmt(res['conv_fc_vs_linear_fc'])}")
+    for batch in args.train_batch:
+        cfg = BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds, iters=1)
+        results[f"train_b{batch}"] = res = run_subjects(models, cfg, batch)
+        res["conv_fc_vs_linear_fc"] = ratio(res["per_round_s"]["se_resnet50_conv_fc"],
+                                            res["per_round_s"]["se_resnet50_linear_fc"])
+        print(f"  conv FCs / Linear FCs: {fmt(res['conv_fc_vs_linear_fc'])}")
+    return results
+
+
 # ----------------------------------------------------------------------------- 4. memory, 5. onnx
 
 
@@ -398,7 +430,7 @@ def bench_onnx(args) -> dict:
 
 
 TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose, "timm": bench_timm,
-           "memory": bench_memory, "onnx": bench_onnx}
+           "fc": bench_fc, "memory": bench_memory, "onnx": bench_onnx}
 
 
 def main(argv: list[str] | None = None) -> None:
