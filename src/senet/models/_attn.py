@@ -28,7 +28,6 @@ from senet.layers.fused import (
     fresh_output,
     infer_scale_add_relu,
     inference,
-    observed,
     scale_add_relu,
     squeeze_through_conv,
 )
@@ -111,13 +110,12 @@ class AttnUnit(nn.Module):
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
         out = bn(c)
+        fresh = fresh_output(bn)
         if fused and inference():
             z = None
             if conv_in is not None and getattr(self.attn, "pool", "avg") == "avg":
                 z = squeeze_through_conv(*conv_in, bn, out)
-            fresh = isinstance(bn, nn.BatchNorm2d) and not observed(bn)  # fresh_output(bn), eager known
             return infer_scale_add_relu(self.attn, out, shortcut, z=z, inplace=fresh)
-        fresh = fresh_output(bn)
         if fused:
             # an identity shortcut is this unit's input, kept by conv1 anyway; a computed one is not
             keep_c = not isinstance(getattr(self, "downsample", None), (nn.Identity, type(None)))
