@@ -81,12 +81,18 @@ class SqueezeExcite(nn.Module):
                 return F.linear(h, self.fc2.weight, self.fc2.bias).view(b, self.channels, 1, 1)
         return self.fc2(self.act(self.fc1(z))).view(b, self.channels, 1, 1)
 
-    def _functional(self) -> bool:
-        """Plain ``nn.Linear``/``nn.ReLU`` FCs that nobody hooks, in eager mode: call their ops directly."""
+    def _plain_fcs(self) -> tuple[nn.Linear, nn.Linear] | None:
+        """(fc1, fc2) when they are plain ``nn.Linear`` with a plain ``nn.ReLU`` between, nobody hooking
+        them (their ops may then run directly); else None."""
         m = self._modules  # one dict, not six Module.__getattr__ calls (they cost ~0.4 us each)
         fc1, act, fc2 = m["fc1"], m["act"], m["fc2"]
-        return (type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.ReLU
-                and eager() and not observed(fc1, act, fc2))
+        if type(fc1) is nn.Linear and type(fc2) is nn.Linear and type(act) is nn.ReLU and not observed(fc1, act, fc2):
+            return fc1, fc2
+        return None
+
+    def _functional(self) -> bool:
+        """Plain FCs (``_plain_fcs``) in eager mode: call their ops directly."""
+        return eager() and self._plain_fcs() is not None
 
     def infer_excitation(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """``excitation(x)`` for eager inference (no autograd), ``z``: ``mean_hw x`` (B, C, 1, 1) when known.
@@ -99,11 +105,11 @@ class SqueezeExcite(nn.Module):
         a check is worth ~10 us there, a share of ResNet-50's ~90 ms that the 2 % target cannot spare
         (docs/performance.md). Callers: ``forward`` and the residual units, both only in eager inference.
         """
-        m = self._modules  # one dict, not Module.__getattr__ per name (~0.4-0.9 us each, hot)
-        fc1, act, fc2, gate = m["fc1"], m["act"], m["fc2"], m["gate"]
-        if (type(self) is SqueezeExcite and type(fc1) is nn.Linear and type(fc2) is nn.Linear
-                and type(act) is nn.ReLU and type(gate) is nn.Sigmoid and self.pool == "avg"
-                and not observed(fc1, act, fc2, gate) and not torch.is_autocast_enabled(x.device.type)):
+        gate = self._modules["gate"]  # not self.gate: Module.__getattr__ costs ~0.4-0.9 us, hot
+        fcs = self._plain_fcs() if type(self) is SqueezeExcite and self.pool == "avg" else None
+        if (fcs is not None and type(gate) is nn.Sigmoid and not observed(gate)
+                and not torch.is_autocast_enabled(x.device.type)):
+            fc1, fc2 = fcs
             w1, w2 = fc1._parameters.get("weight"), fc2._parameters.get("weight")
             if w1 is not None and w2 is not None and x.dtype == w1.dtype:
                 b = x.shape[0]
