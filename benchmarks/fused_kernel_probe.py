@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from se_overhead import RESULTS, fmt, ratio, run_subjects  # noqa: E402
+from se_overhead import fmt, ratio, run_subjects, save_results  # noqa: E402
 
 from senet.bench import BenchConfig  # noqa: E402
-from senet.evaluate import provenance, write_json  # noqa: E402
 from senet.models import _attn, create_model  # noqa: E402
 
 C_SOURCE = r"""
@@ -168,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             res["fused_squeeze_vs_fast_path"] = ratio(rounds["se_resnet50_fused_squeeze"], rounds["se_resnet50"])
             print(f"  fused squeeze / senet's fast path: {fmt(res['fused_squeeze_vs_fast_path'])}")
             results[f"infer_b{batch}"] = res
-    payload = {**provenance({"target": "fused_kernel_probe", **vars(args)}, "cpu"), "load_avg_before": load,
-               "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(), "results": results}
-    print("wrote", write_json(RESULTS / "fused_kernel_probe.json", payload))
+    print("wrote", save_results("fused_kernel_probe", {"target": "fused_kernel_probe", **vars(args)}, results, load))
 
 
 if __name__ == "__main__":

@@ -101,9 +101,14 @@ def fmt(r: dict) -> str:
 
 
 def save(target: str, config: dict, results: dict, load_before: tuple) -> Path:
+    return save_results(f"se_overhead_{target}{config['tag']}", config, results, load_before)
+
+
+def save_results(name: str, config: dict, results: dict, load_before: tuple) -> Path:
+    """``benchmarks/results/<name>.json``: provenance, the load average before and after, the results."""
     payload = {**provenance(config, "cpu"), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                "cpus": os.cpu_count(), "results": results}
-    return write_json(RESULTS / f"se_overhead_{target}{config['tag']}.json", payload)
+    return write_json(RESULTS / f"{name}.json", payload)
 
 
 # ----------------------------------------------------------------------------- 1. block vs floor
@@ -224,14 +229,16 @@ def bench_resnet(args) -> dict:
     se = create_model("se_resnet50")
     models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)),
               "resnet50": create_model("resnet50")}
-    results = {}
-    for batch in args.infer_batch:
-        cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
-        results[f"infer_b{batch}"] = run_subjects(models, cfg, batch)
-    for batch in args.train_batch:
-        cfg = BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds, iters=1)
-        results[f"train_b{batch}"] = run_subjects(models, cfg, batch)
-    return results
+    return {key: run_subjects(models, cfg, batch) for key, cfg, batch in network_cases(args)}
+
+
+def network_cases(args) -> list[tuple[str, BenchConfig, int]]:
+    """(results key, config, batch) for each ``--infer-batch`` and ``--train-batch`` of a network target."""
+    infer = [(f"infer_b{b}", BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds,
+                                         iters=args.iters), b) for b in args.infer_batch]
+    train = [(f"train_b{b}", BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds,
+                                         iters=1), b) for b in args.train_batch]
+    return infer + train
 
 
 class Ablated(nn.Module):
@@ -343,15 +350,8 @@ def bench_fc(args) -> dict:
         raise RuntimeError(f"Linear and 1x1-conv FCs differ by {diff:.2e} with the same weights")
     models = {"se_resnet50_linear_fc": se, "se_resnet50_conv_fc": se_conv, "resnet50": create_model("resnet50")}
     results = {}
-    for batch in args.infer_batch:
-        cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
-        results[f"infer_b{batch}"] = res = run_subjects(models, cfg, batch)
-        res["conv_fc_vs_linear_fc"] = ratio(res["per_round_s"]["se_resnet50_conv_fc"],
-                                            res["per_round_s"]["se_resnet50_linear_fc"])
-        print(f"  conv FCs / Linear FCs: {fmt(res['conv_fc_vs_linear_fc'])}")
-    for batch in args.train_batch:
-        cfg = BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds, iters=1)
-        results[f"train_b{batch}"] = res = run_subjects(models, cfg, batch)
+    for key, cfg, batch in network_cases(args):
+        results[key] = res = run_subjects(models, cfg, batch)
         res["conv_fc_vs_linear_fc"] = ratio(res["per_round_s"]["se_resnet50_conv_fc"],
                                             res["per_round_s"]["se_resnet50_linear_fc"])
         print(f"  conv FCs / Linear FCs: {fmt(res['conv_fc_vs_linear_fc'])}")
