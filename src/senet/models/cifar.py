@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._attn import AttnFactory, AttnUnit, stage_attention
+from ._head import PooledClassifier
 from .registry import RESNET_PAPER, register_model
 from .resnet import BasicBlock, Bottleneck
 
@@ -117,7 +118,7 @@ def _shortcut(kind: str, cin: int, cout: int, stride: int, preact: bool) -> nn.M
     return conv if preact else nn.Sequential(conv, nn.BatchNorm2d(cout))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(PooledClassifier):
     """Three-stage ResNet for 32x32 images, ``blocks`` units per stage.
 
     Args:
@@ -170,10 +171,7 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
             self.feature_info.append({"module": f"layer{i + 1}", "channels": cin, "reduction": 2 ** i})
         self.bn_final = nn.BatchNorm2d(cin) if preact else nn.Identity()  # the last unit's sum is not normalised
-        self.num_features, self.features_only = cin, features_only
-        if not features_only:
-            self.drop = nn.Dropout(drop_rate)
-            self.fc = nn.Linear(cin, num_classes)
+        self._add_head(cin, num_classes, drop_rate, features_only)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -186,12 +184,6 @@ class CifarResNet(nn.Module):
         feats.append(self.layer2(feats[-1]))
         feats.append(self.act(self.bn_final(self.layer3(feats[-1]))) if self.preact else self.layer3(feats[-1]))
         return feats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        feats = self.forward_features(x)
-        if self.features_only:
-            return feats
-        return self.fc(self.drop(feats[-1].mean((2, 3))))  # (B, C) -> (B, num_classes)
 
 
 _PREACT = "Identity Mappings in Deep Residual Networks (He et al.), arXiv 1603.05027"
