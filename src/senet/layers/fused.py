@@ -43,10 +43,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 _ENABLED = True
+# None outside torch.func transforms (torch >= 2.0; on a torch without it, transforms are not detected)
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
 
 
 @contextlib.contextmanager
@@ -307,7 +310,7 @@ class _ScaleByExcitation(torch.autograd.Function):
 def can_recompute(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``block(x)`` may run as ``scale_by_excitation``: grad needed, eager mode, fast path
     enabled, nobody hooked on the block's sub-modules (their forward runs again in backward)."""
-    if not (_ENABLED and torch.is_grad_enabled()) or _tracing() or torch.compiler.is_compiling():
+    if not (_ENABLED and torch.is_grad_enabled()) or _plain_ops_only() or torch.compiler.is_compiling():
         return False
     if observed(block, *block.modules()):
         return False
@@ -337,15 +340,25 @@ def _onnx_export_flag():
 _in_onnx_export = _onnx_export_flag()
 
 
-def _tracing() -> bool:
+def _transformed() -> bool:
+    """Inside a ``torch.func`` transform (grad, vmap, jvp, jacrev, ...) or a forward-mode AD dual level.
+
+    The custom autograd functions here have no ``setup_context``, vmap rule or ``jvp``, and ``out=``
+    writes have no batching rule: under these the units must run their plain ops (which support them).
+    Two cheap reads (~0.1 us): this runs several times per unit, per call."""
+    return _functorch_level() is not None or _forward_ad._current_level >= 0
+
+
+def _plain_ops_only() -> bool:
+    """Traced (JIT, ONNX), exported or transformed (``_transformed``): only plain ops will do."""
     if torch.compiler.is_compiling():  # dynamo folds the public checks; it refuses to trace the flags
         return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
-    return torch.jit.is_tracing() or _in_onnx_export() or torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or _in_onnx_export() or torch.compiler.is_exporting() or _transformed()
 
 
 def eager() -> bool:
-    """Plain eager execution: not traced, exported or compiled."""
-    return not (_tracing() or torch.compiler.is_compiling())
+    """Plain eager execution: not traced, exported, compiled or transformed."""
+    return not (_plain_ops_only() or torch.compiler.is_compiling())
 
 
 def fresh_output(bn: nn.Module) -> bool:
@@ -421,7 +434,7 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     """
     params = tuple(attn.parameters()) if torch.is_grad_enabled() else ()
     grad = bool(params) and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))
-    if not grad or _tracing() or not isinstance(attn.gate, nn.Sigmoid) or getattr(attn, "pool", "avg") != "avg":
+    if not grad or _plain_ops_only() or not isinstance(attn.gate, nn.Sigmoid) or getattr(attn, "pool", "avg") != "avg":
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     keep = (None, None, None)
     if source is not None and affine is not None:

@@ -107,8 +107,7 @@ class SqueezeExcite(nn.Module):
         """
         gate = self._modules["gate"]  # not self.gate: Module.__getattr__ costs ~0.4-0.9 us, hot
         fcs = self._plain_fcs() if type(self) is SqueezeExcite and self.pool == "avg" else None
-        if (fcs is not None and type(gate) is nn.Sigmoid and not observed(gate)
-                and not torch.is_autocast_enabled(x.device.type)):
+        if fcs is not None and type(gate) is nn.Sigmoid and not observed(gate) and not _autocast(x):
             fc1, fc2 = fcs
             w1, w2 = fc1._parameters.get("weight"), fc2._parameters.get("weight")
             if w1 is not None and w2 is not None and x.dtype == w1.dtype:
@@ -142,6 +141,15 @@ class SqueezeExcite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, hidden={self.hidden}, fc={self.fc_kind}, pool={self.pool}"
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    """Autocast on for ``x``'s device; True for devices autocast does not know (``meta``, ...), whose
+    question it refuses: they take the module path, which is right everywhere."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        return True
 
 
 def _conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:
