@@ -30,7 +30,7 @@ The SE block alone (``SqueezeExcite.forward``) gets the recompute and the fused 
 
 The fast path is the default in eager training. Inference takes the plain ``addcmul`` + ``relu_``;
 ``torch.compile`` traces a variant without the recompute (the compiler fuses the rest); ONNX/JIT
-tracing takes plain ops. The unit calls its ``attn`` module as usual when forward hooks watch the
+tracing, ``torch.func`` transforms and forward-mode AD take plain ops. The unit calls its ``attn`` module as usual when forward hooks watch the
 modules the fast path skips (``senet analyze``/``prune`` install them), and within ``reference_path()``
 (tests, benchmarks). Backward is once-differentiable: double backward raises instead of being wrong.
 """
