@@ -1,5 +1,6 @@
 """The fast path under what users wrap models in: torch.func transforms (per-sample gradients, Jacobians,
-vmap), forward-mode AD, meta tensors, checkpointing and saved-tensor hooks.
+vmap), forward-mode AD, torch.fx symbolic tracing (torchvision's feature extractor), meta tensors,
+checkpointing and saved-tensor hooks.
 
 The fast path's custom autograd functions have no ``setup_context``, vmap rule or ``jvp``, and its
 ``out=`` writes have no batching rule; before it stepped aside for these, every one of them raised where
@@ -14,8 +15,9 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 from torch.utils.checkpoint import checkpoint
 
-from senet.layers import create_attention, fused
+from senet.layers import create_attention, fused, list_attentions
 from senet.layers.fused import reference_path
+from senet.models import create_model
 from senet.models.resnet import ResNet
 
 F64 = dict(rtol=1e-9, atol=1e-11)
@@ -171,3 +173,51 @@ def test_saved_tensor_hooks():
         return [p.grad for p in model.parameters()]
 
     _assert_same(run)
+
+
+@pytest.mark.parametrize("name", ["se_resnet50", "se_resnext50_32x4d", "se_resnet20", "se_bninception",
+                                  "se_inception_resnet_v2", "se_mobilenet_v2", "se_vgg16", "cbam_resnet50"])
+def test_fx_symbolic_trace(name):
+    """Before commit 3f0d9b5 no attention network traced (the fast path's checks and the blocks' input
+    checks asked proxies for their shapes)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).eval()
+    size = 160 if "inception_resnet" in name else 64
+    x = torch.randn(2, 3, size, size)
+    graph = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
+        with reference_path():
+            torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_attentions())
+def test_fx_symbolic_trace_blocks(name):
+    torch.manual_seed(0)
+    block = create_attention(name, 64).eval()
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(block)(x), block(x))
+
+
+def test_torchvision_feature_extractor():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = create_model("se_resnet50", num_classes=5).eval()
+    extractor = create_feature_extractor(model, {"layer3": "c4", "fc": "logits"})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out["logits"], model(x))
+        torch.testing.assert_close(out["c4"], model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.act(model.bn1(model.conv1(x))))))))
+    # training through the extracted graph (plain ops) and the model (fast path): the same gradients
+    # (float64: train-mode BN over 2 x 2 x 2 values at stage 4 amplifies float32 rounding)
+    extractor.double().train(), model.double().train()
+    xg = x.double().requires_grad_()
+    extractor(xg)["logits"].sum().backward()
+    g_extracted = xg.grad
+    xg.grad = None
+    model(xg).sum().backward()
+    torch.testing.assert_close(g_extracted, xg.grad, rtol=1e-9, atol=1e-12)

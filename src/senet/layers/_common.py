@@ -143,9 +143,10 @@ def floored_width(channels: int, reduction: float, hidden: int | None, divisor: 
 def check_input(x: torch.Tensor, channels: int, block: str) -> None:
     """Raise a ValueError naming the problem instead of a shape error from deep inside PyTorch.
 
-    Skipped while the TorchScript tracer runs (ONNX export): the trace fixes the shapes anyway.
+    Skipped while the TorchScript tracer runs (ONNX export): the trace fixes the shapes anyway; and for
+    ``torch.fx`` proxies (symbolic tracing: their shapes are unknown).
     """
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
         return
     if x.dim() != 4:
         raise ValueError(f"{block} expects a 4D (N, C, H, W) tensor, got shape {tuple(x.shape)}")

@@ -252,7 +252,7 @@ class InceptionResNetV2(nn.Module):
         return [f8, f16, f32]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if not torch.jit.is_tracing() and x.dim() == 4 and min(x.shape[-2:]) < 75:
+        if not (torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)) and x.dim() == 4 and min(x.shape[-2:]) < 75:
             raise ValueError(f"Inception-ResNet-v2 needs inputs of at least 75x75 (its stem and reductions "
                              f"use unpadded convs), got {tuple(x.shape[-2:])}; resize to 299x299")
         feats = self.forward_features(x)
