@@ -178,7 +178,7 @@ def test_saved_tensor_hooks():
 @pytest.mark.parametrize("name", ["se_resnet50", "se_resnext50_32x4d", "se_resnet20", "se_bninception",
                                   "se_inception_resnet_v2", "se_mobilenet_v2", "se_vgg16", "cbam_resnet50"])
 def test_fx_symbolic_trace(name):
-    """Before commit 3f0d9b5 no attention network traced (the fast path's checks and the blocks' input
+    """Before commit 62424c3 no attention network traced (the fast path's checks and the blocks' input
     checks asked proxies for their shapes)."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=5).eval()
