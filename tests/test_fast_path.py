@@ -590,3 +590,32 @@ def test_the_paths_other_devices_take_match_reference(channels_last, train, monk
     _assert_matches_reference(net, x.contiguous(memory_format=torch.channels_last) if channels_last else x,
                               torch.float64)
     assert calls  # the fallbacks were asked for, and taken
+
+
+@pytest.mark.parametrize("train,grad", [(True, True), (False, True), (False, False)],
+                         ids=["train", "eval_grad", "no_grad"])
+def test_empty_batch_behaves_like_the_reference(train, grad):
+    """A batch of 0 samples (a detection head with no boxes, an uneven last shard): the same empty outputs,
+    gradients and BN state as the reference. Before commit 5f1c0de BatchNorm's backward kernel on the
+    empty view divided by zero (SIGFPE: the process died) and training raised where the module does not."""
+    results = []
+    for ctx in (contextlib.nullcontext, reference_path):
+        torch.manual_seed(0)
+        model = _net("bottleneck", torch.float64, False).train(train)
+        block = create_attention("se_released", 32).double()
+        x = torch.randn(0, 3, 32, 32, dtype=torch.float64, requires_grad=grad)
+        xb = torch.randn(0, 32, 5, 5, dtype=torch.float64, requires_grad=grad)
+        with ctx(), torch.set_grad_enabled(grad):
+            out, outb = model(x), block(xb)
+            if grad:
+                (out.sum() + outb.sum()).backward()
+        assert out.shape == (0, 5) and outb.shape == xb.shape
+        grads = [x.grad, xb.grad] + [p.grad for p in (*model.parameters(), *block.parameters())] if grad else []
+        results.append((grads, copy.deepcopy(model.state_dict())))
+    (g_fast, s_fast), (g_ref, s_ref) = results
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, equal_nan=True)
+    for k in s_ref:
+        torch.testing.assert_close(s_fast[k], s_ref[k], equal_nan=True)

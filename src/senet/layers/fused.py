@@ -186,13 +186,13 @@ def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor
     in training (CPU) from the batch statistics ``native_batch_norm`` computes anyway (``nn.BatchNorm2d``'s
     forward written out: momentum, ``num_batches_tracked``), in eval mode from the running ones. None
     where it cannot: not a plain ``nn.BatchNorm2d``, hooked, other devices or autocast in training."""
-    if type(bn) is not nn.BatchNorm2d or observed(bn) or c.dim() != 4:
-        return None
+    if type(bn) is not nn.BatchNorm2d or observed(bn) or c.dim() != 4 or c.numel() == 0:
+        return None  # an empty batch too: the module handles it (an empty output)
     if not bn.training and bn.running_mean is not None:
         return bn(c), *bn_affine(bn, c)
     if c.device.type != "cpu" or torch.is_autocast_enabled(c.device.type) or c.shape[1] != bn.num_features:
         return None
-    if c.numel() // c.shape[1] <= 1:  # F.batch_norm's own check, same words
+    if c.numel() // c.shape[1] == 1:  # F.batch_norm's own check, same words
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -214,10 +214,11 @@ def _sum_squares(c: torch.Tensor) -> torch.Tensor:
 
 def _bn_kernels_fit(*tensors: torch.Tensor) -> bool:
     """Whether BatchNorm's CPU kernels may stand in for per-(b, c) ops on ``tensors`` (``channel_sums``,
-    ``scale_shift``): eager, CPU, all float32 or all float64."""
+    ``scale_shift``): eager, CPU, all float32 or all float64, none empty (on an empty batch, viewed as
+    zero channels, BatchNorm's backward kernel divides by zero: SIGFPE, the process dies)."""
     dtype = tensors[0].dtype
     return (not torch.compiler.is_compiling() and dtype in (torch.float32, torch.float64)
-            and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors))
+            and all(t.device.type == "cpu" and t.dtype == dtype and t.numel() > 0 for t in tensors))
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -274,7 +275,7 @@ def channel_dot(g: torch.Tensor, x: torch.Tensor, minus: torch.Tensor | None = N
     """Σ_hw g (x - minus) for every (b, c), as (B, C, 1, 1). The product goes through one sample-sized
     buffer (cache-resident, allocated once) instead of a fresh full-size temporary (compiled: the plain
     expression, which the compiler fuses)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or g.shape[0] == 0:  # compiled, or an empty batch: no buffer to share
         return (g * (x if minus is None else x - minus)).sum((2, 3), keepdim=True)
     out = torch.empty(g.shape[0], g.shape[1], 1, 1, dtype=g.dtype, device=g.device)
     buf = torch.empty_like(g[0])  # (C, H, W), g's memory format
