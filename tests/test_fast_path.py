@@ -596,7 +596,7 @@ def test_the_paths_other_devices_take_match_reference(channels_last, train, monk
                          ids=["train", "eval_grad", "no_grad"])
 def test_empty_batch_behaves_like_the_reference(train, grad):
     """A batch of 0 samples (a detection head with no boxes, an uneven last shard): the same empty outputs,
-    gradients and BN state as the reference. Before commit 5f1c0de BatchNorm's backward kernel on the
+    gradients and BN state as the reference. Before commit fbc1187 BatchNorm's backward kernel on the
     empty view divided by zero (SIGFPE: the process died) and training raised where the module does not."""
     results = []
     for ctx in (contextlib.nullcontext, reference_path):
