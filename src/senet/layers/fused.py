@@ -95,9 +95,25 @@ def _grad_a(g_pre: torch.Tensor, y: torch.Tensor, s: torch.Tensor, kept: list[to
     return channel_dot(g_pre, y, kept[0]).mul_(1 - s)
 
 
-def _recompute_grads(fn, z: torch.Tensor, params: list[torch.Tensor], grad: torch.Tensor) -> list:
-    """[dL/dz, dL/dp for p in params (None where p needs none)] of ``fn(z)`` given dL/d fn(z) = ``grad``."""
-    with torch.enable_grad():
+def _autocast_state(t: torch.Tensor) -> tuple[str, bool, torch.dtype] | None:
+    """(device type, enabled, dtype) of autocast for ``t``'s device as forward sees it; None for devices
+    autocast does not know (``meta``, ...)."""
+    device = t.device.type
+    try:
+        return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _recompute_grads(fn, z: torch.Tensor, params: list[torch.Tensor], grad: torch.Tensor,
+                     amp: tuple[str, bool, torch.dtype] | None) -> list:
+    """[dL/dz, dL/dp for p in params (None where p needs none)] of ``fn(z)`` given dL/d fn(z) = ``grad``.
+
+    ``fn`` runs again under the autocast state forward ran it under (``amp``, from ``_autocast_state``):
+    backward usually runs outside ``torch.autocast``, and ``F.linear`` on forward's half-precision ``z``
+    with float32 weights would fail there (it did, before commit 0000000, for every mixed-precision step)."""
+    amp_ctx = torch.autocast(amp[0], dtype=amp[2], enabled=amp[1]) if amp is not None else contextlib.nullcontext()
+    with torch.enable_grad(), amp_ctx:
         z_ = z.detach().requires_grad_()
         out = fn(z_)
         wanted = [z_, *(p for p in params if p.requires_grad)]
@@ -123,7 +139,7 @@ class _ExciteScaleAddReLU(torch.autograd.Function):
             ctx.mark_dirty(x)
         else:
             y = torch.addcmul(shortcut, x, s).relu_()
-        ctx.fc, ctx.hw, ctx.kept = fc, x.shape[2] * x.shape[3], 1 if c is None else 3
+        ctx.fc, ctx.hw, ctx.kept, ctx.amp = fc, x.shape[2] * x.shape[3], 1 if c is None else 3, _autocast_state(x)
         ctx.save_for_backward(y, z, s, *((shortcut,) if c is None else (c, A, B)), *params)
         return y
 
@@ -133,7 +149,7 @@ class _ExciteScaleAddReLU(torch.autograd.Function):
         y, z, s, *rest = ctx.saved_tensors
         kept, params = rest[:ctx.kept], rest[ctx.kept:]
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)  # g · [y > 0], as ReLU's backward
-        dz, *dparams = _recompute_grads(ctx.fc, z, params, _grad_a(g_pre, y, s, kept))
+        dz, *dparams = _recompute_grads(ctx.fc, z, params, _grad_a(g_pre, y, s, kept), ctx.amp)
         grad_x = scale_shift(g_pre, s, dz / ctx.hw)  # g_pre s + dz / HW: one pass
         return grad_x, g_pre, None, None, None, None, None, *dparams
 
@@ -296,7 +312,7 @@ class _ScaleByExcitation(torch.autograd.Function):
     def forward(ctx, x, excite, *params):
         z = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1), eq. 2
         s = excite(z)  # eq. 3 (no graph: forward runs without grad)
-        ctx.excite = excite
+        ctx.excite, ctx.amp = excite, _autocast_state(x)
         ctx.save_for_backward(x, z, s, *params)
         return x * s  # eq. 4
 
@@ -304,7 +320,7 @@ class _ScaleByExcitation(torch.autograd.Function):
     @once_differentiable  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
         x, z, s, *params = ctx.saved_tensors
-        dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_sums(g, x)[0])  # dL/ds = Σ_hw g x
+        dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_sums(g, x)[0], ctx.amp)  # dL/ds = Σ_hw g x
         grad_x = scale_shift(g, s, dz / (x.shape[2] * x.shape[3]))  # g s + dz / HW, (B, C, H, W)
         return grad_x, None, *dparams
 

@@ -1,0 +1,109 @@
+"""The fast path against the reference on every device this machine has (the CPU; CUDA where present),
+and under mixed precision (``torch.autocast``: bfloat16 on the CPU, float16 and bfloat16 on CUDA).
+
+On CUDA the fast path takes its portable branches (BatchNorm as the module, the per-channel sums through
+a sample buffer, ``addcmul``); the same tests on the CPU check the tests themselves and the CPU branches.
+Mixed precision: before commit 0000000 every autocast training step raised in backward (the FCs'
+recompute ran outside autocast: ``F.linear`` on forward's bfloat16 ``z`` with float32 weights).
+"""
+
+import contextlib
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from senet.layers import create_attention
+from senet.layers.fused import reference_path
+from senet.models.resnet import ResNet
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+AMP = [("cpu", torch.bfloat16)] + ([("cuda", torch.float16), ("cuda", torch.bfloat16)]
+                                   if torch.cuda.is_available() else [])
+
+
+def _net(block: str, attn: str, dtype: torch.dtype, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = ResNet(block, [1, 1, 1, 1], attn=attn, num_classes=5)
+    for m in model.modules():  # non-trivial BN so eval mode is not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.to(device=device, dtype=dtype)
+
+
+def _grads(model: nn.Module, x: torch.Tensor, amp: tuple[str, torch.dtype] | None = None) -> dict:
+    """Output, dL/dx and every parameter's gradient (float64) of a fixed linear loss; the forward under
+    ``torch.autocast(*amp)`` when given, backward outside it (as AMP training loops do)."""
+    x = x.detach().clone().requires_grad_()
+    ctx = torch.autocast(amp[0], dtype=amp[1]) if amp else contextlib.nullcontext()
+    with ctx:
+        out = model(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device).view_as(out)
+    (out.double() * weights).sum().backward()
+    return {"out": out.double(), "x": x.grad.double(),
+            **{n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def _rel_errors(got: dict, truth: dict) -> dict:
+    assert got.keys() == truth.keys()
+    return {k: ((got[k] - truth[k]).norm() / truth[k].norm().clamp_min(1e-30)).item() for k in truth}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("block", ["bottleneck", "basic"])
+def test_fast_path_matches_reference(device, channels_last, train, block):
+    model = _net(block, "se_released", torch.float64, device).train(train)
+    x = torch.randn(3, 3, 48, 48, dtype=torch.float64, device=device)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    fast = _grads(model, x)
+    with reference_path():
+        ref = _grads(_net(block, "se_released", torch.float64, device).train(train), x)
+    worst = max(_rel_errors(fast, ref).values())
+    assert worst < 1e-10, worst
+    with torch.no_grad():  # inference (the in-place unit end, the squeeze through conv3 where it pays)
+        model.eval()
+        out = model(x)
+        with reference_path():
+            torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("attn", ["se_released", "se_mobilenetv3"])
+@pytest.mark.parametrize("device,amp_dtype", AMP, ids=[f"{d}-{str(t)[6:]}" for d, t in AMP])
+def test_mixed_precision_training_is_as_accurate_as_the_reference(device, amp_dtype, attn, train):
+    """Half-precision gradients of a deep random network are far from float64 (bfloat16 has 8 bits of
+    mantissa: ~15-30% here, on both paths); the fast path must be no less accurate than the reference,
+    tensor by tensor (a wrong gradient would be ~100% off)."""
+    x = torch.randn(4, 3, 64, 64).to(device)
+    truth = _grads(_net("bottleneck", attn, torch.float64, device).train(train), x.double())
+    fast = _grads(_net("bottleneck", attn, torch.float32, device).train(train), x, (device, amp_dtype))
+    with reference_path():
+        ref = _grads(_net("bottleneck", attn, torch.float32, device).train(train), x, (device, amp_dtype))
+    e_fast, e_ref = _rel_errors(fast, truth), _rel_errors(ref, truth)
+    assert statistics.median(e_fast.values()) <= 1.5 * statistics.median(e_ref.values())
+    assert max(e_fast.values()) <= 2 * max(e_ref.values())
+    assert max(e_fast.values()) < 0.8  # and neither is lost
+
+
+@pytest.mark.parametrize("device,amp_dtype", AMP, ids=[f"{d}-{str(t)[6:]}" for d, t in AMP])
+def test_block_alone_under_mixed_precision(device, amp_dtype):
+    def run(dtype, amp):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(32, 64, 3, padding=1).to(device=device, dtype=dtype)
+        se = create_attention("se_released", 64).to(device=device, dtype=dtype)
+        return _grads(nn.Sequential(conv, se), x.to(dtype), amp)
+
+    x = torch.randn(4, 32, 16, 16, device=device)
+    truth = run(torch.float64, None)
+    fast = run(torch.float32, (device, amp_dtype))
+    with reference_path():
+        ref = run(torch.float32, (device, amp_dtype))
+    e_fast, e_ref = _rel_errors(fast, truth), _rel_errors(ref, truth)
+    for k in truth:  # one conv and SE: bfloat16 keeps each within a few percent
+        assert e_fast[k] <= 2 * e_ref[k] + 1e-3, (k, e_fast[k], e_ref[k])
+    assert max(e_fast.values()) < 0.05
