@@ -3,7 +3,7 @@ and under mixed precision (``torch.autocast``: bfloat16 on the CPU, float16 and 
 
 On CUDA the fast path takes its portable branches (BatchNorm as the module, the per-channel sums through
 a sample buffer, ``addcmul``); the same tests on the CPU check the tests themselves and the CPU branches.
-Mixed precision: before commit 0000000 every autocast training step raised in backward (the FCs'
+Mixed precision: before commit f752f4e every autocast training step raised in backward (the FCs'
 recompute ran outside autocast: ``F.linear`` on forward's bfloat16 ``z`` with float32 weights).
 """
 

@@ -111,7 +111,7 @@ def _recompute_grads(fn, z: torch.Tensor, params: list[torch.Tensor], grad: torc
 
     ``fn`` runs again under the autocast state forward ran it under (``amp``, from ``_autocast_state``):
     backward usually runs outside ``torch.autocast``, and ``F.linear`` on forward's half-precision ``z``
-    with float32 weights would fail there (it did, before commit 0000000, for every mixed-precision step)."""
+    with float32 weights would fail there (it did, before commit f752f4e, for every mixed-precision step)."""
     amp_ctx = torch.autocast(amp[0], dtype=amp[2], enabled=amp[1]) if amp is not None else contextlib.nullcontext()
     with torch.enable_grad(), amp_ctx:
         z_ = z.detach().requires_grad_()
