@@ -212,8 +212,10 @@ def test_finetune_from_checkpoint_backbone_lr(tmp_path):
     assert lrs["head.decay"] == pytest.approx(0.01 * factor)
 
 
-def test_bf16_autocast_runs():
-    m = _digits_model()
+@pytest.mark.parametrize("name", ["resnet20", "se_resnet20"])
+def test_bf16_autocast_runs(name):
+    """se_resnet20 too: before commit f752f4e the SE fast path's backward raised under autocast."""
+    m = _digits_model(name)
     seen = []
     m.conv1.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
     r = fit(TrainConfig(**TINY, amp="bf16"), model=m)
