@@ -277,9 +277,34 @@ def test_block_gradcheck_and_no_double_backward():
     block = create_attention("se_released", 32).double()
     x = torch.randn(2, 32, 3, 3, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(block, (x,))  # finite differences through x and every FC parameter
-    (gx,) = torch.autograd.grad(block(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):  # once_differentiable: a wrong second derivative is never returned
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match="reference_path"):  # a wrong second derivative is never returned
+        torch.autograd.grad(block(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("where", ["block_last", "network"])
+def test_second_derivatives_raise_and_say_what_to_do(where):
+    """A gradient penalty (``create_graph=True``, then the gradient of the gradient). Under torch's
+    ``once_differentiable`` both came out silently wrong before commit 0000000: ``autograd.grad(penalty,
+    x)`` never reached its error node (the network: 811 against 1.5e8), and with SE the last op the
+    gradient was returned as a constant. Now ``create_graph=True`` raises, naming the fix; under
+    ``reference_path()`` it is autograd's (checked against gradgradcheck)."""
+    torch.manual_seed(0)
+    model = (create_attention("se_released", 32) if where == "block_last" else _net("bottleneck", torch.float64,
+                                                                                      False).train()).double()
+    shape = (2, 32, 4, 4) if where == "block_last" else (2, 3, 32, 32)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def penalty_grad():
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), x)[0]
+
+    with pytest.raises(RuntimeError, match=r"no second derivatives.*reference_path"):
+        penalty_grad()
+    with reference_path():
+        got = penalty_grad()
+        assert got.abs().sum() > 0
+        if where == "block_last":
+            torch.autograd.gradgradcheck(lambda t: model(t), (x,))
 
 
 def test_channel_dot_by_hand():

@@ -39,13 +39,13 @@ double backward raises instead of being wrong.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad as _forward_ad
-from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 _ENABLED = True
@@ -93,6 +93,28 @@ def _grad_a(g_pre: torch.Tensor, y: torch.Tensor, s: torch.Tensor, kept: list[to
         gx = gc.mul_(A).add_(gs * B)  # Σ_hw g_pre x
         return gx.mul_(s * (1 - s))
     return channel_dot(g_pre, y, kept[0]).mul_(1 - s)
+
+
+_DOUBLE_BACKWARD = ("senet's fused SE path has no second derivatives, and this backward was asked for them "
+                    "(create_graph=True: a gradient penalty, double backward, Hessian-vector products); run the "
+                    "forward inside `with senet.layers.fused.reference_path():`, where autograd gives them")
+
+
+def _first_order_only(backward):
+    """The custom functions' backward for first derivatives only: it raises ``_DOUBLE_BACKWARD`` when run
+    with ``create_graph=True`` (autograd runs backward with grad mode on exactly then).
+
+    Not torch's ``once_differentiable``: it links the gradients to an error node whose inputs are
+    detached copies, so ``torch.autograd.grad(penalty, inputs=x)`` never reaches that node and silently
+    drops the unit's second-order terms (a WGAN-GP-style penalty's gradient through se_resnet came out
+    811 against autograd's 1.5e8, no error, before commit 0000000); and with SE the last op it returned
+    the gradient as a constant."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def _autocast_state(t: torch.Tensor) -> tuple[str, bool, torch.dtype] | None:
@@ -144,7 +166,7 @@ class _ExciteScaleAddReLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the backward keeps no graph: double backward raises, never lies
+    @_first_order_only  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
         y, z, s, *rest = ctx.saved_tensors
         kept, params = rest[:ctx.kept], rest[ctx.kept:]
@@ -166,7 +188,7 @@ class _SigmoidScaleAddReLU(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, g):
         y, s, *kept = ctx.saved_tensors
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)
@@ -317,7 +339,7 @@ class _ScaleByExcitation(torch.autograd.Function):
         return x * s  # eq. 4
 
     @staticmethod
-    @once_differentiable  # the backward keeps no graph: double backward raises, never lies
+    @_first_order_only  # the backward keeps no graph: double backward raises, never lies
     def backward(ctx, g):
         x, z, s, *params = ctx.saved_tensors
         dz, *dparams = _recompute_grads(ctx.excite, z, params, channel_sums(g, x)[0], ctx.amp)  # dL/ds = Σ_hw g x
