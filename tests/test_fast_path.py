@@ -284,7 +284,7 @@ def test_block_gradcheck_and_no_double_backward():
 @pytest.mark.parametrize("where", ["block_last", "network"])
 def test_second_derivatives_raise_and_say_what_to_do(where):
     """A gradient penalty (``create_graph=True``, then the gradient of the gradient). Under torch's
-    ``once_differentiable`` both came out silently wrong before commit 0000000: ``autograd.grad(penalty,
+    ``once_differentiable`` both came out silently wrong before commit 88d0cce: ``autograd.grad(penalty,
     x)`` never reached its error node (the network: 811 against 1.5e8), and with SE the last op the
     gradient was returned as a constant. Now ``create_graph=True`` raises, naming the fix; under
     ``reference_path()`` it is autograd's (checked against gradgradcheck)."""

@@ -33,7 +33,7 @@ The fast path is the default in eager training. Inference takes the plain ``addc
 FX tracing, ``torch.func`` transforms and forward-mode AD take plain ops. The unit calls its ``attn``
 module as usual when forward hooks watch the modules the fast path skips (``senet analyze``/``prune``
 install them), and within ``reference_path()`` (tests, benchmarks). Backward is once-differentiable:
-double backward raises instead of being wrong.
+create_graph=True (second derivatives) raises, naming reference_path(), instead of being wrong.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _first_order_only(backward):
     Not torch's ``once_differentiable``: it links the gradients to an error node whose inputs are
     detached copies, so ``torch.autograd.grad(penalty, inputs=x)`` never reaches that node and silently
     drops the unit's second-order terms (a WGAN-GP-style penalty's gradient through se_resnet came out
-    811 against autograd's 1.5e8, no error, before commit 0000000); and with SE the last op it returned
+    811 against autograd's 1.5e8, no error, before commit 88d0cce); and with SE the last op it returned
     the gradient as a constant."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
