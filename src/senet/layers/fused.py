@@ -32,7 +32,7 @@ The fast path is the default in eager training. Inference takes the plain ``addc
 ``torch.compile`` traces a variant without the recompute (the compiler fuses the rest); ONNX, JIT and
 FX tracing, ``torch.func`` transforms and forward-mode AD take plain ops. The unit calls its ``attn``
 module as usual when forward hooks watch the modules the fast path skips (``senet analyze``/``prune``
-install them), and within ``reference_path()`` (tests, benchmarks). Backward is once-differentiable:
+install them), and within ``reference_path()`` (tests, benchmarks). Backward gives first derivatives only:
 create_graph=True (second derivatives) raises, naming reference_path(), instead of being wrong.
 """
 
