@@ -40,6 +40,7 @@ from senet.layers.fused import reference_path
 from senet.models import create_model
 
 CPU = torch.device("cpu")
+DEVICE = CPU  # where every target runs (``--device``; main sets it): one device per process
 RESULTS = Path(__file__).parent / "results"
 # ResNet-50's SE inputs (C, H = W) per stage at 224x224: conv2_x .. conv5_x (ResNet paper Table 1)
 SE_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
@@ -49,11 +50,13 @@ SE_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 
 
 def timed(step: Callable[[], object], iters: int) -> list[float]:
-    """Seconds of each of ``iters`` calls (CPU: nothing to synchronise)."""
+    """Seconds of each of ``iters`` calls (on CUDA up to the end of the queued kernels)."""
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -106,7 +109,7 @@ def save(target: str, config: dict, results: dict, load_before: tuple) -> Path:
 
 def save_results(name: str, config: dict, results: dict, load_before: tuple) -> Path:
     """``benchmarks/results/<name>.json``: provenance, the load average before and after, the results."""
-    payload = {**provenance(config, "cpu"), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+    payload = {**provenance(config, DEVICE), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                "cpus": os.cpu_count(), "results": results}
     return write_json(RESULTS / f"{name}.json", payload)
 
@@ -116,7 +119,7 @@ def save_results(name: str, config: dict, results: dict, load_before: tuple) -> 
 
 def bandwidth(numel: int, args) -> dict[str, float]:
     """Copy (clone: one read + one write) and reduction (mean over H, W: one read) bandwidth, GB/s."""
-    x = torch.randn(numel // 4096, 64, 8, 8)  # (N, 64, 8, 8): far larger than the caches
+    x = torch.randn(numel // 4096, 64, 8, 8, device=DEVICE)  # (N, 64, 8, 8): far larger than the caches
     t = interleave({"clone": x.clone, "mean": lambda: x.mean((2, 3))}, rounds=args.rounds, iters=args.iters,
                    warmup=args.warmup)
     nbytes = x.numel() * x.element_size()
@@ -167,8 +170,8 @@ def bench_block(args) -> dict:
     """
     results = {"dram": bandwidth(2**26, args), "shapes": {}}
     for c, hw in SE_SHAPES:
-        x = torch.randn(args.batch, c, hw, hw)
-        se = create_attention("se_released", c)
+        x = torch.randn(args.batch, c, hw, hw, device=DEVICE)
+        se = create_attention("se_released", c).to(DEVICE)
         t = interleave(block_steps(se, x), rounds=args.rounds, iters=args.iters, warmup=args.warmup)
         floor = [m + cl for m, cl in zip(t["mean"], t["clone"], strict=True)]
         nbytes = x.numel() * 4
@@ -212,8 +215,8 @@ class Unfused(nn.Module):
 
 def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> dict:
     """``senet.bench.measure`` over named models; ratios of each to the last one (the baseline)."""
-    subjects = [Subject(n, m, (3, 224, 224)) for n, m in models.items()]
-    res = measure(subjects, batch, cfg, CPU)
+    subjects = [Subject(n, m.to(DEVICE), (3, 224, 224)) for n, m in models.items()]
+    res = measure(subjects, batch, cfg, DEVICE)
     base = subjects[-1]
     per_round = {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in subjects}
     out = {"per_call": res, "per_round_s": per_round, "ratio_to_" + base.name: {
@@ -257,7 +260,8 @@ class Ablated(nn.Module):
     def _scale(self, attn, x, shortcut, *, z=None, inplace=False):
         s = self.fixed.get((id(attn), x.shape[0]))
         if s is None:  # made once per unit and batch (setdefault would build a tensor on every call)
-            s = self.fixed[(id(attn), x.shape[0])] = torch.full((x.shape[0], x.shape[1], 1, 1), 0.5)
+            s = self.fixed[(id(attn), x.shape[0])] = torch.full((x.shape[0], x.shape[1], 1, 1), 0.5,
+                                                                         dtype=x.dtype, device=x.device)
         return torch.addcmul(shortcut, x, s, out=x).relu_()
 
     def _squeeze(self, attn, x, shortcut, *, z=None, inplace=False):
@@ -365,13 +369,13 @@ def bench_memory(args) -> dict:
     """Bytes autograd saves in one training forward at 224x224 (senet.bench.activation_bytes)."""
     import timm
 
-    x = torch.randn(args.train_batch[0], 3, 224, 224)
-    se, plain = create_model("se_resnet50"), create_model("resnet50")
+    x = torch.randn(args.train_batch[0], 3, 224, 224, device=DEVICE)
+    se, plain = create_model("se_resnet50").to(DEVICE), create_model("resnet50").to(DEVICE)
     out = {"resnet50": activation_bytes(plain, x), "se_resnet50": activation_bytes(se, x)}
     with reference_path():
         out["se_resnet50_unfused"] = activation_bytes(se, x)
-    out["timm_resnet50"] = activation_bytes(timm.create_model("resnet50"), x)
-    out["timm_seresnet50"] = activation_bytes(timm.create_model("seresnet50"), x)
+    out["timm_resnet50"] = activation_bytes(timm.create_model("resnet50").to(DEVICE), x)
+    out["timm_seresnet50"] = activation_bytes(timm.create_model("seresnet50").to(DEVICE), x)
     pairs = [("se_resnet50", "resnet50"), ("se_resnet50_unfused", "resnet50"), ("timm_seresnet50", "timm_resnet50")]
     res = {"batch": x.shape[0], "bytes": out, "se_over_baseline": {f"{a} / {b}": out[a] / out[b] - 1 for a, b in pairs}}
     for k, v in out.items():
@@ -429,6 +433,21 @@ def bench_onnx(args) -> dict:
     return out
 
 
+def check_device(parser: argparse.ArgumentParser, args) -> torch.device:
+    """``--device`` as a torch.device, or a usage error that names what is wrong."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: not a device; use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: this benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: torch {torch.__version__} sees no CUDA device here; use --device cpu")
+    if device.type == "cuda" and args.target in ("onnx", "all"):
+        parser.error("the onnx target measures onnxruntime on the CPU; run it with --device cpu")
+    return device
+
+
 TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose, "timm": bench_timm,
            "fc": bench_fc, "memory": bench_memory, "onnx": bench_onnx}
 
@@ -436,6 +455,7 @@ TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_deco
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("target", choices=[*TARGETS, "all"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (onnx: cpu only)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch (and onnxruntime) threads, same for all sides (1: see docs/performance.md)")
     p.add_argument("--batch", type=int, default=16, help="block: batch of the SE activations")
@@ -449,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--train-rounds", type=int, default=6, help="rounds of one training step each")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = check_device(p, args)
     torch.set_num_threads(args.threads)
     for target in TARGETS if args.target == "all" else [args.target]:
         load = os.getloadavg()

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from senet.models import _attn
@@ -56,7 +57,6 @@ def test_fused_squeeze_probe_matches_torch(tmp_path, monkeypatch):
     # the probe's C kernel (BN + squeeze in one pass) against torch, alone and inside a network
     import shutil
 
-    import pytest
 
     if shutil.which("cc") is None and "CC" not in __import__("os").environ:
         pytest.skip("no C compiler")
@@ -80,3 +80,35 @@ def test_fused_squeeze_probe_matches_torch(tmp_path, monkeypatch):
         fused, ref = probe.FusedSqueeze(se, dll)(img), se(img)
     assert len(calls) == 4 and _attn.AttnUnit._merge is real_merge  # every SE unit end; restored after
     assert torch.allclose(fused, ref, atol=1e-5)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def test_device_flag_names_what_is_wrong(capsys):
+
+    bad = [["block", "--device", "tpu:0"], ["block", "--device", "nonsense"]]
+    if not torch.cuda.is_available():
+        bad.append(["block", "--device", "cuda"])
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            se_overhead.main(argv)
+        assert e.value.code == 2
+        assert f"--device {argv[2]!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch):
+    import json
+
+    real_bandwidth = se_overhead.bandwidth
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "SE_SHAPES", [(32, 4)])
+    monkeypatch.setattr(se_overhead, "bandwidth", lambda numel, args: real_bandwidth(2**16, args))
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)  # main sets it: restore afterwards
+    se_overhead.main(["block", "--device", device, "--batch", "2", "--rounds", "2", "--iters", "1", "--warmup", "1",
+                      "--tag", "_test"])
+    saved = json.loads((tmp_path / "se_overhead_block_test.json").read_text())
+    assert saved["device"]["type"] == device and saved["config"]["device"] == device
+    shape = saved["results"]["shapes"]["32x4x4"]
+    assert shape["shape"] == [2, 32, 4, 4] and shape["fwd_vs_floor"]["ratio"] > 0
