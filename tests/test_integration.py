@@ -201,3 +201,24 @@ def test_data_settings_read_where_train_stores_them():
     assert data_settings(trained, data="digits") == ("digits", None, 16)  # the root belongs to cifar10
     assert data_settings({"extra": {"config": {"data": "digits", "image_size": 8}}}) == ("digits", None, 8)
     assert data_settings({"extra": {}}) == ("digits", None, None)
+
+
+def test_every_help_page_renders(capsys):
+    """``senet --help`` and each command's ``--help``: argparse %-formats help strings, and a bare "95% CI"
+    in the bench command's summary made ``senet --help`` itself end in a traceback (before commit 0000000)."""
+    import argparse
+
+    from senet.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    assert "usage: senet" in top and "95% CI" in top
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "bench", "export", "analyze", "prune"} <= set(sub.choices)
+    for command in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0, command
+        assert f"usage: senet {command}" in capsys.readouterr().out

@@ -296,7 +296,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="latency percentiles, throughput, memory, params and MACs; "
-                                     "overhead vs a baseline with a 95% CI")
+                                     "overhead vs a baseline with a 95%% CI")
     p.add_argument("model", nargs="?", help="registered model name or senet checkpoint")
     p.add_argument("--baseline", default=None, help="a second model measured interleaved with MODEL")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
