@@ -205,7 +205,7 @@ def test_data_settings_read_where_train_stores_them():
 
 def test_every_help_page_renders(capsys):
     """``senet --help`` and each command's ``--help``: argparse %-formats help strings, and a bare "95% CI"
-    in the bench command's summary made ``senet --help`` itself end in a traceback (before commit 0000000)."""
+    in the bench command's summary made ``senet --help`` itself end in a traceback (before commit 5ba5479)."""
     import argparse
 
     from senet.cli import build_parser
