@@ -222,3 +222,15 @@ def test_every_help_page_renders(capsys):
             main([command, "--help"])
         assert e.value.code == 0, command
         assert f"usage: senet {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "export"])
+def test_model_flag_gets_a_hint_not_a_prefix_match(command, capsys):
+    """timm's scripts spell it ``--model NAME``; argparse's prefix matching read that as ``--model-arg``
+    and failed with a message about KEY=VALUE. Now: no prefix matching, and the fix is named."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--model", "resnet20"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --model" in err and f"senet {command} NAME" in err
+    assert "KEY=VALUE" not in err

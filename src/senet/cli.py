@@ -54,12 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS:
         importlib.import_module(module).add_parser(sub)
+    # no prefix matching: `senet train --model X` (timm's spelling; the model is positional here) would
+    # otherwise be read as --model-arg and fail with a message about KEY=VALUE
+    for p in (parser, *sub.choices.values()):
+        p.allow_abbrev = False
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = ""
+        if "--model" in extra and hasattr(args, "model"):
+            hint = f"; the model is positional: `senet {args.command} NAME` (e.g. `senet {args.command} se_resnet50`)"
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
