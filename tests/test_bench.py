@@ -84,3 +84,25 @@ def test_cli_bench_json_with_provenance(tmp_path, capsys):
     assert payload["config"]["baseline"] == "resnet20" and payload["versions"]["senet"]
     assert payload["device"]["type"] == "cpu" and "git_revision" in payload
     assert main(["bench"]) == 2  # neither MODEL nor --paper
+
+
+def test_batch_one_on_a_one_by_one_map():
+    """se_resnet20 at 4x4 ends on a 1x1 map: at batch 1 a train-mode BN has one value per channel. The
+    inference benchmark still runs (the memory figure, a training forward, is reported as not measured;
+    before commit 0000000 the whole bench failed with BatchNorm's message); a training benchmark says
+    what to change."""
+    payload = run_bench(BenchConfig("se_resnet20", batch=[1], res=4, rounds=1, iters=1, warmup=0))
+    row = payload["batches"][1]["results"]["se_resnet20"]
+    assert row["memory_bytes"] is None and row["memory_kind"].startswith("not measured")
+    assert row["p50_ms"] > 0
+    with pytest.raises(ValueError, match="larger --batch or --res"):
+        run_bench(BenchConfig("se_resnet20", batch=[1], res=4, train=True, rounds=1, iters=1, warmup=0))
+
+
+def test_activation_bytes_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert activation_bytes(model, torch.randn(2, 3, 6, 6)) > 0
+    assert not model.training
+    for k, v in model.state_dict().items():  # running statistics and the step count untouched
+        assert torch.equal(v, before[k]), k

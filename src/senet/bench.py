@@ -85,10 +85,16 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         return t
 
     was_training = model.training
+    buffers = [(b, b.clone()) for b in model.buffers()]  # the train-mode forward moves BN's running statistics
     model.train()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    model.train(was_training)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for b, before in buffers:
+                b.copy_(before)
     return sum(storages.values())
 
 
@@ -188,7 +194,13 @@ def _memory(model: nn.Module, x: torch.Tensor, step, cfg: BenchConfig, device: t
         return {"memory_bytes": None, "memory_kind": "not measured (onnxruntime)"}
     if device.type == "cuda":
         return {"memory_bytes": cuda_peak_bytes(step, device), "memory_kind": "cuda max_memory_allocated"}
-    return {"memory_bytes": activation_bytes(model, x), "memory_kind": "saved activations, training forward"}
+    try:
+        return {"memory_bytes": activation_bytes(model, x), "memory_kind": "saved activations, training forward"}
+    except ValueError as err:  # train-mode BN with one value per channel (batch 1, a 1x1 map): inference still runs
+        if cfg.train:
+            raise ValueError(f"{err}: a training step needs more than one value per BatchNorm channel; use a "
+                             "larger --batch or --res") from err
+        return {"memory_bytes": None, "memory_kind": f"not measured: a training forward fails here ({err})"}
 
 
 # ----------------------------------------------------------------------------- the benchmark
