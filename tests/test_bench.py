@@ -89,7 +89,7 @@ def test_cli_bench_json_with_provenance(tmp_path, capsys):
 def test_batch_one_on_a_one_by_one_map():
     """se_resnet20 at 4x4 ends on a 1x1 map: at batch 1 a train-mode BN has one value per channel. The
     inference benchmark still runs (the memory figure, a training forward, is reported as not measured;
-    before commit 0000000 the whole bench failed with BatchNorm's message); a training benchmark says
+    before commit aee8451 the whole bench failed with BatchNorm's message); a training benchmark says
     what to change."""
     payload = run_bench(BenchConfig("se_resnet20", batch=[1], res=4, rounds=1, iters=1, warmup=0))
     row = payload["batches"][1]["results"]["se_resnet20"]
