@@ -332,3 +332,16 @@ def test_paper_table_within_one_percent_and_committed():
     table = [line for line in render(rows).splitlines() if line.startswith("|")]
     assert table == [line for line in committed.splitlines() if line.startswith("|")], \
         "docs/paper_table.md is stale: run `senet paper-table`"
+
+
+def test_pretrained_spelling():
+    """timm's and torchvision's ``pretrained=``: False is accepted (code written for timm runs), True
+    says how to load weights (it was a TypeError about an unexpected keyword)."""
+    import senet
+
+    for build in (senet.create_model, create_model):
+        model = build("se_resnet20", pretrained=False)
+        assert sum(p.numel() for p in model.parameters()) == count_params(create_model("se_resnet20"))
+        with pytest.raises(ValueError, match=r"downloads no weights.*checkpoint="):
+            build("se_resnet20", pretrained=True)
+    assert senet.create_model("se_resnet20", pretrained=False).arch_kwargs == {}

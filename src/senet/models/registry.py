@@ -61,8 +61,16 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the model registered as ``name``; ``kwargs`` go to its builder (``num_classes``, ``attn``...)."""
-    return model_info(name).builder(**kwargs)
+    """Build the model registered as ``name``; ``kwargs`` go to its builder (``num_classes``, ``attn``...).
+
+    ``pretrained=False`` (timm's and torchvision's spelling) is accepted and means what it says; senet
+    downloads no weights, so ``pretrained=True`` raises, naming how to load the file you have."""
+    info = model_info(name)
+    if kwargs.pop("pretrained", False):
+        raise ValueError(f"senet downloads no weights (pretrained=True for {name!r}); load a file you have: "
+                         f"senet.create_model({name!r}, checkpoint='weights.pth') reads timm, torchvision, "
+                         "Caffe-port and senet checkpoints")
+    return info.builder(**kwargs)
 
 
 def build_variant(cls: Callable[..., nn.Module], defaults: dict, kwargs: dict) -> nn.Module:
