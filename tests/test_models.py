@@ -345,3 +345,15 @@ def test_pretrained_spelling():
         with pytest.raises(ValueError, match=r"downloads no weights.*checkpoint="):
             build("se_resnet20", pretrained=True)
     assert senet.create_model("se_resnet20", pretrained=False).arch_kwargs == {}
+
+
+@pytest.mark.parametrize("name", ["se_resnet50", "se_resnet20", "se_bninception", "se_shufflenet_v1_g3",
+                                  "se_mobilenet_v2", "se_vgg16", "se_inception_resnet_v2"])  # each forward
+def test_one_image_without_a_batch_dimension_gets_the_fix_named(name):
+    """conv2d takes an unbatched (C, H, W) image, so every network failed at its first BatchNorm with torch's
+    "expected 4D input"; now each network names the fix."""
+    model = create_model(name, num_classes=3).eval()
+    with pytest.raises(ValueError, match=r"expects a batch of images.*x\.unsqueeze\(0\)"):
+        model(torch.randn(3, 80, 80))
+    with pytest.raises(ValueError, match="expects a batch of images"):
+        model(torch.randn(1, 1, 3, 80, 80))

@@ -6,6 +6,16 @@ import torch
 from torch import nn
 
 
+def check_images(x: torch.Tensor, net: nn.Module) -> None:
+    """Raise a ValueError naming the fix for input that is not a batch of images (N, C, H, W): one image
+    (C, H, W) passes the first conv (conv2d takes unbatched input) and failed at the first BatchNorm with
+    torch's "expected 4D input". Skipped for FX proxies and under the TorchScript tracer."""
+    if isinstance(x, torch.Tensor) and x.dim() != 4 and not torch.jit.is_tracing():
+        hint = "; for one image add the batch dimension: x.unsqueeze(0)" if x.dim() == 3 else ""
+        raise ValueError(f"{type(net).__name__} expects a batch of images (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}{hint}")
+
+
 class PooledClassifier(nn.Module):
     """Base of networks whose ``forward_features`` returns each stage's map and whose head is global
     average pooling, dropout and one linear layer (``drop``, ``fc``: torchvision's/timm's names), or
@@ -24,5 +34,6 @@ class PooledClassifier(nn.Module):
         return self.fc(self.drop(x.mean((2, 3))))  # (B, C, H, W) -> (B, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_images(x, self)
         feats = self.forward_features(x)
         return feats if self.features_only else self.forward_head(feats[-1])

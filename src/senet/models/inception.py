@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._attn import AttnFactory, stage_attention
-from ._head import PooledClassifier
+from ._head import PooledClassifier, check_images
 from .registry import SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
@@ -252,6 +252,7 @@ class InceptionResNetV2(nn.Module):
         return [f8, f16, f32]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_images(x, self)
         if not (torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)) and x.dim() == 4 and min(x.shape[-2:]) < 75:
             raise ValueError(f"Inception-ResNet-v2 needs inputs of at least 75x75 (its stem and reductions "
                              f"use unpadded convs), got {tuple(x.shape[-2:])}; resize to 299x299")

@@ -33,6 +33,7 @@ from torch import nn
 from senet.layers import make_divisible
 
 from ._attn import AttnFactory, stage_attention
+from ._head import check_images
 from .registry import ECA_PAPER, SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
@@ -80,6 +81,7 @@ class _Net(nn.Module):
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_images(x, self)
         if self.features_only:
             return self.forward_features(x)
         return self.classifier(self.features(x).mean((2, 3)))  # (B, C) -> (B, num_classes)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ._attn import AttnFactory, stage_attention
+from ._head import check_images
 from .registry import SENET_PAPER, build_variant, register_model
 
 # Conv widths of the five blocks, each followed by a 2x2 max-pool: VGG paper Table 1, column D.
@@ -107,6 +108,7 @@ class VGG(nn.Module):
         return feats + [x]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_images(x, self)
         if self.features_only:
             return self.forward_features(x)[:-1]
         x = self.avgpool(self.features(x)).flatten(1)  # (B, 512 * 7 * 7)
