@@ -234,3 +234,10 @@ def test_model_flag_gets_a_hint_not_a_prefix_match(command, capsys):
     err = capsys.readouterr().err
     assert "unrecognized arguments: --model" in err and f"senet {command} NAME" in err
     assert "KEY=VALUE" not in err
+
+
+def test_compare_models_spaced_gets_the_comma_form(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--models", "resnet20", "se_resnet20"])
+    assert e.value.code == 2
+    assert "--models resnet20,se_resnet20" in capsys.readouterr().err

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if "--model" in extra and hasattr(args, "model"):
             hint = f"; the model is positional: `senet {args.command} NAME` (e.g. `senet {args.command} se_resnet50`)"
+        elif isinstance(getattr(args, "models", None), str) and not extra[0].startswith("-"):
+            hint = f"; --models takes one comma-separated list: --models {','.join([args.models, *extra])}"
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if not getattr(args, "func", None):
         parser.print_help()
