@@ -23,7 +23,7 @@ from ._common import (
     global_pool,
     hidden_width,
 )
-from .fused import can_recompute, eager, inference, observed, scale_by_excitation
+from .fused import _autocast_state, can_recompute, eager, inference, observed, scale_by_excitation
 
 
 class SqueezeExcite(nn.Module):
@@ -144,12 +144,10 @@ class SqueezeExcite(nn.Module):
 
 
 def _autocast(x: torch.Tensor) -> bool:
-    """Autocast on for ``x``'s device; True for devices autocast does not know (``meta``, ...), whose
-    question it refuses: they take the module path, which is right everywhere."""
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except RuntimeError:
-        return True
+    """Autocast on for ``x``'s device; True for devices autocast does not know (``meta``, ...): they take
+    the module path, which is right everywhere."""
+    state = _autocast_state(x)
+    return state is None or state[1]
 
 
 def _conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:
