@@ -12,6 +12,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import perturb_bn
 from torch import nn
 
 from senet.layers import create_attention
@@ -25,11 +26,7 @@ AMP = [("cpu", torch.bfloat16)] + ([("cuda", torch.float16), ("cuda", torch.bflo
 
 def _net(block: str, attn: str, dtype: torch.dtype, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = ResNet(block, [1, 1, 1, 1], attn=attn, num_classes=5)
-    for m in model.modules():  # non-trivial BN so eval mode is not the identity
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
+    model = perturb_bn(ResNet(block, [1, 1, 1, 1], attn=attn, num_classes=5))  # eval mode is not the identity
     return model.to(device=device, dtype=dtype)
 
 

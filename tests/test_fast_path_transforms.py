@@ -11,6 +11,7 @@ the plain ops work. Each case runs the same float64 network both ways and compar
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from helpers import perturb_bn
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 from torch.utils.checkpoint import checkpoint
@@ -25,12 +26,7 @@ F64 = dict(rtol=1e-9, atol=1e-11)
 
 def _net(block: str) -> nn.Module:
     torch.manual_seed(0)
-    model = ResNet(block, [1, 1, 1, 1], attn="se_released", num_classes=5).double()
-    for m in model.modules():  # non-trivial BN so eval mode is not the identity
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return perturb_bn(ResNet(block, [1, 1, 1, 1], attn="se_released", num_classes=5).double())  # eval mode
 
 
 def _both(run):
