@@ -140,13 +140,16 @@ def floored_width(channels: int, reduction: float, hidden: int | None, divisor: 
     return max(hidden_width(channels, reduction, None, divisor, hidden_from), min_hidden)
 
 
-def check_input(x: torch.Tensor, channels: int, block: str) -> None:
-    """Raise a ValueError naming the problem instead of a shape error from deep inside PyTorch.
+def shapes_unchecked(x: torch.Tensor) -> bool:
+    """Whether input checks must let ``x`` pass unexamined: the TorchScript tracer runs (ONNX export; the
+    trace fixes the shapes anyway) or ``x`` is a ``torch.fx`` proxy (symbolic tracing: no shape to ask)."""
+    return torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
 
-    Skipped while the TorchScript tracer runs (ONNX export): the trace fixes the shapes anyway; and for
-    ``torch.fx`` proxies (symbolic tracing: their shapes are unknown).
-    """
-    if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+
+def check_input(x: torch.Tensor, channels: int, block: str) -> None:
+    """Raise a ValueError naming the problem instead of a shape error from deep inside PyTorch
+    (skipped where ``shapes_unchecked``)."""
+    if shapes_unchecked(x):
         return
     if x.dim() != 4:
         raise ValueError(f"{block} expects a 4D (N, C, H, W) tensor, got shape {tuple(x.shape)}")

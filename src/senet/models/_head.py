@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from senet.layers._common import shapes_unchecked
+
 
 def check_images(x: torch.Tensor, net: nn.Module) -> None:
     """Raise a ValueError naming the fix for input that is not a batch of images (N, C, H, W): one image
     (C, H, W) passes the first conv (conv2d takes unbatched input) and failed at the first BatchNorm with
-    torch's "expected 4D input". Skipped for FX proxies and under the TorchScript tracer."""
-    if isinstance(x, torch.Tensor) and x.dim() != 4 and not torch.jit.is_tracing():
+    torch's "expected 4D input". Skipped where ``shapes_unchecked`` (tracing)."""
+    if not shapes_unchecked(x) and x.dim() != 4:
         hint = "; for one image add the batch dimension: x.unsqueeze(0)" if x.dim() == 3 else ""
         raise ValueError(f"{type(net).__name__} expects a batch of images (N, C, H, W), got shape "
                          f"{tuple(x.shape)}{hint}")

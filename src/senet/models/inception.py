@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from senet.layers._common import shapes_unchecked
+
 from ._attn import AttnFactory, stage_attention
 from ._head import PooledClassifier, check_images
 from .registry import SENET_PAPER, build_variant, register_model
@@ -253,7 +255,7 @@ class InceptionResNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_images(x, self)
-        if not (torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)) and x.dim() == 4 and min(x.shape[-2:]) < 75:
+        if not shapes_unchecked(x) and min(x.shape[-2:]) < 75:  # 4D: check_images
             raise ValueError(f"Inception-ResNet-v2 needs inputs of at least 75x75 (its stem and reductions "
                              f"use unpadded convs), got {tuple(x.shape[-2:])}; resize to 299x299")
         feats = self.forward_features(x)
