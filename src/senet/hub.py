@@ -37,8 +37,10 @@ def create_model(name: str | None = None, *, checkpoint: str | Path | Mapping[st
     is used. The returned model carries ``load_report`` (a ``LoadReport``), ``arch_name`` and
     ``arch_kwargs``; ``warn`` emits the report as a UserWarning when something was not loaded.
     """
-    if checkpoint is not None or not kwargs.get("pretrained", True):
-        kwargs.pop("pretrained", None)  # the weights come from ``checkpoint``; False means what it says
+    if checkpoint is not None or not kwargs.get("pretrained", False):
+        # the weights come from ``checkpoint``; False means what it says (neither goes into arch_kwargs);
+        # pretrained=True without a checkpoint reaches models.create_model, which says how to load weights
+        kwargs.pop("pretrained", None)
     if checkpoint is None:
         if name is None:
             raise ValueError("create_model needs a model name (see senet.list_models()) or a checkpoint")
