@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from senet.bench import BenchConfig, Subject, activation_bytes, make_step, measure, paired_ratio_ci
+from senet.bench import BenchConfig, Subject, _timed, activation_bytes, make_step, measure, paired_ratio_ci
 from senet.evaluate import provenance, write_json
 from senet.flops import count_macs
 from senet.layers import create_attention
@@ -50,15 +49,8 @@ SE_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 
 
 def timed(step: Callable[[], object], iters: int) -> list[float]:
-    """Seconds of each of ``iters`` calls (on CUDA up to the end of the queued kernels)."""
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize(DEVICE)
-        out.append(time.perf_counter() - t0)
-    return out
+    """Seconds of each of ``iters`` calls on ``DEVICE`` (``senet.bench``'s timer: CUDA synchronised)."""
+    return _timed(step, DEVICE, iters)
 
 
 def interleave(steps: dict[str, Callable[[], object]], *, rounds: int, iters: int, warmup: int) -> dict[str, list]:
