@@ -78,6 +78,33 @@ def test_torchscript_and_pt2_parity(tmp_path, fmt):
     assert report.ok and report.batch_sizes == [2, 3]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.x: torch.jit.script is deprecated
+@pytest.mark.parametrize("what", ["network", "attention_block", "user_cnn"])
+def test_torch_jit_script_names_what_works(what):
+    # scripting used to fail deep in the TorchScript compiler ("Unknown type name 'nn.Module'" in
+    # senet/layers/fused.py, "import statements aren't supported"): now one error that names the way out,
+    # for our networks, every attention block, and a user's own CNN holding one of our blocks
+    from senet.layers import create_attention, list_attentions
+
+    if what == "network":
+        cases = [create_model("se_resnet20"), create_model("mobilenet_v3_small")]
+    elif what == "attention_block":
+        cases = [create_attention(name, 32) for name in list_attentions()]
+    else:
+        cases = [torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), create_attention("se", 32))]
+    for model in cases:
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile senet's .*torch\.jit\.trace"):
+            torch.jit.script(model.eval())
+    # what the error recommends works: trace the first case and compare
+    model = cases[0].eval()
+    x = torch.randn(2, 3, 16, 16) if what != "attention_block" else torch.randn(2, 32, 8, 8)
+    with torch.inference_mode():
+        expected = model(x)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(traced(x), expected)
+
+
 def _reduce_graph(axes, keepdims, opset):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)

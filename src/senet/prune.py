@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from senet.layers._common import NoScript
+
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
@@ -42,7 +44,7 @@ def remove_recorded(model: nn.Module, record: dict | None) -> nn.Module:
     return model
 
 
-class ConstantScale(nn.Module):
+class ConstantScale(NoScript, nn.Module):
     """``u * s̄``: what a folded block computes (the reference pruning is checked against)."""
 
     def __init__(self, scale: torch.Tensor):

@@ -22,6 +22,19 @@ from torch.nn import functional as F
 
 ModuleFactory = Callable[[], nn.Module]
 
+
+class NoScript:
+    """Mixin for senet's modules: ``torch.jit.script`` stops at once with an error naming what works,
+    instead of failing deep in the TorchScript compiler on Python it does not support (the fast path's
+    checks, annotations, imports). Scripting is deprecated in torch 2.x; tracing and export work."""
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every module it compiles, recursively
+        raise RuntimeError(
+            f"torch.jit.script cannot compile senet's {type(self).__name__} (TorchScript is a subset of Python, "
+            "and torch.jit.script is deprecated). Instead: torch.jit.trace(model.eval(), example) or "
+            "`senet export --format torchscript` for a TorchScript file, torch.export.export for a graph, "
+            "`senet export` (ONNX) to deploy, torch.compile for speed")
+
 _ACTS: dict[str, ModuleFactory] = {
     "relu": lambda: nn.ReLU(inplace=True),
     "relu6": lambda: nn.ReLU6(inplace=True),

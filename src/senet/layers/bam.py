@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_choice, check_input, create_act, create_gate, hidden_width
+from ._common import NoScript, check_channels, check_choice, check_input, create_act, create_gate, hidden_width
 
 
 def _conv_bn_act(cin: int, cout: int, kernel_size: int, dilation: int, act: nn.Module) -> nn.Sequential:
@@ -26,7 +26,7 @@ def _conv_bn_act(cin: int, cout: int, kernel_size: int, dilation: int, act: nn.M
                          nn.BatchNorm2d(cout), act)
 
 
-class BAM(nn.Module):
+class BAM(NoScript, nn.Module):
     """BAM: ``x + x * σ(Mc(x) + Ms(x))``, a channel MLP branch and a dilated-conv spatial branch.
 
     Args:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_act, create_gate, hidden_width
+from ._common import NoScript, check_channels, check_input, create_act, create_gate, hidden_width
 
 
-class CBAM(nn.Module):
+class CBAM(NoScript, nn.Module):
     """CBAM: channel attention (avg + max descriptors, shared MLP) then 7x7 spatial attention.
 
     Args:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_act, create_gate, floored_width
+from ._common import NoScript, check_channels, check_input, create_act, create_gate, floored_width
 
 
-class CoordAttention(nn.Module):
+class CoordAttention(NoScript, nn.Module):
     """Coordinate attention: direction-aware attention maps along H and along W, multiplied in.
 
     Args:

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._common import check_channels, check_input, create_gate, odd_kernel
+from ._common import NoScript, check_channels, check_input, create_gate, odd_kernel
 
 
-class ECA(nn.Module):
+class ECA(NoScript, nn.Module):
     """ECA block: ``x * σ(conv1d_k(avgpool(x)))`` with ``k`` taps (adaptive by default).
 
     Args:

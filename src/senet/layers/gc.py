@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_choice, check_input, create_act, create_gate, hidden_width
+from ._common import NoScript, check_channels, check_choice, check_input, create_act, create_gate, hidden_width
 
 
-class GlobalContext(nn.Module):
+class GlobalContext(NoScript, nn.Module):
     """GC block: attention-pooled context through a LayerNorm bottleneck, added to (or scaling) every position.
 
     Args:

@@ -15,10 +15,10 @@ import math
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input
+from ._common import NoScript, check_channels, check_input
 
 
-class GCT(nn.Module):
+class GCT(NoScript, nn.Module):
     """GCT block: ``x * (1 + tanh(γ ŝ + β))`` with ŝ the channel-normalized ℓ2 embedding α‖x_c‖.
 
     Args:

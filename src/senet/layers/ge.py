@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._common import check_channels, check_input, create_act, create_gate, hidden_width
+from ._common import NoScript, check_channels, check_input, create_act, create_gate, hidden_width
 
 
-class AvgGather(nn.Module):
+class AvgGather(NoScript, nn.Module):
     """Parameter-free gather: global mean (extent 0) or average pooling of extent e."""
 
     def __init__(self, extent: int):
@@ -68,7 +68,7 @@ def _check_extent(extent: int, params: bool) -> int:
     return extent
 
 
-class GatherExcite(nn.Module):
+class GatherExcite(NoScript, nn.Module):
     """GE block: ``x * σ(upsample(mlp(gather(x))))``.
 
     Args:

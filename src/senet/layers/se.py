@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (
+    NoScript,
     check_channels,
     check_choice,
     check_input,
@@ -26,7 +27,7 @@ from ._common import (
 from .fused import _autocast_state, can_recompute, eager, inference, observed, scale_by_excitation
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(NoScript, nn.Module):
     """SE block: ``x * gate(fc2(act(fc1(pool(x)))))``.
 
     Args:
@@ -174,7 +175,7 @@ se_mobilenetv3.paper, se_mobilenetv3.arxiv = "Searching for MobileNetV3 (Howard 
 se_mobilenetv3.summary = "SE as in MobileNetV3: 1x1 convs with bias, hidden make_divisible(C/4, 8), hard-sigmoid"
 
 
-class EffectiveSE(nn.Module):
+class EffectiveSE(NoScript, nn.Module):
     """eSE, effective SE (Lee & Park, "CenterMask", arXiv 1911.06667): one C x C FC, no reduction.
 
     ``x * hard_sigmoid(W avgpool(x) + b)``, W a 1x1 conv with bias (VoVNetV2).

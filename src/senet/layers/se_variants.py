@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_gate
+from ._common import NoScript, check_channels, check_input, create_gate
 
 
-class _Variant(nn.Module):
+class _Variant(NoScript, nn.Module):
     paper = "ECA-Net: Efficient Channel Attention (Wang et al.), Table 2"
     arxiv = "1910.03151"
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_act, floored_width
+from ._common import NoScript, check_channels, check_input, create_act, floored_width
 
 
-class SelectiveKernel(nn.Module):
+class SelectiveKernel(NoScript, nn.Module):
     """SK unit: branches of 3x3 convs with growing dilation, fused, then softly selected per channel.
 
     Args:

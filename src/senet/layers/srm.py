@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_input, create_gate
+from ._common import NoScript, check_channels, check_input, create_gate
 
 
-class SRM(nn.Module):
+class SRM(NoScript, nn.Module):
     """SRM block: ``x * σ(BN(w_μ ⊙ mean(x) + w_σ ⊙ std(x)))``, per-channel weights, no mixing across channels.
 
     Args:

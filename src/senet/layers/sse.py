@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_channels, check_choice, check_input, create_gate
+from ._common import NoScript, check_channels, check_choice, check_input, create_gate
 from .se import SqueezeExcite
 
 
-class SpatialSE(nn.Module):
+class SpatialSE(NoScript, nn.Module):
     """sSE: ``x * σ(conv1x1(x))`` with one output map (C weights + 1 bias)."""
 
     paper = "Concurrent Spatial and Channel Squeeze & Excitation (Roy et al.)"
@@ -37,7 +37,7 @@ class SpatialSE(nn.Module):
         return x * self.excitation(x)
 
 
-class SpatialChannelSE(nn.Module):
+class SpatialChannelSE(NoScript, nn.Module):
     """scSE: cSE and sSE side by side, combined by ``"add"`` (default, paper) or ``"max"`` (authors' code).
 
     Extra keyword arguments (``reduction``, ``hidden``, ``bias``, ...) go to the cSE branch.

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from senet.layers import create_attention, list_attentions
+from senet.layers._common import NoScript
 from senet.layers.fused import (
     batch_norm_with_affine,
     can_fuse,
@@ -80,7 +81,7 @@ def stage_attention(
             for s, kw in enumerate(per_stage)]
 
 
-class AttnUnit(nn.Module):
+class AttnUnit(NoScript, nn.Module):
     """Base of residual units: holds ``attn`` (always a module) and applies it where placed."""
 
     def __init__(self, make_attn: AttnFactory, placement: str, channels: dict[str, int]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from senet.layers._common import shapes_unchecked
+from senet.layers._common import NoScript, shapes_unchecked
 
 
 def check_images(x: torch.Tensor, net: nn.Module) -> None:
@@ -18,7 +18,7 @@ def check_images(x: torch.Tensor, net: nn.Module) -> None:
                          f"{tuple(x.shape)}{hint}")
 
 
-class PooledClassifier(nn.Module):
+class PooledClassifier(NoScript, nn.Module):
     """Base of networks whose ``forward_features`` returns each stage's map and whose head is global
     average pooling, dropout and one linear layer (``drop``, ``fc``: torchvision's/timm's names), or
     that return the maps themselves with ``features_only``."""

@@ -22,13 +22,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from senet.layers._common import NoScript
+
 from ._attn import AttnFactory, AttnUnit, stage_attention
 from ._head import PooledClassifier
 from .registry import RESNET_PAPER, register_model
 from .resnet import BasicBlock, Bottleneck
 
 
-class ShortcutA(nn.Module):
+class ShortcutA(NoScript, nn.Module):
     """Option A (ResNet paper Sec. 3.3): subsample by ``stride``, zero-pad the new channels. No parameters."""
 
     def __init__(self, cin: int, cout: int, stride: int):

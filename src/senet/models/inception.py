@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from senet.layers._common import shapes_unchecked
+from senet.layers._common import NoScript, shapes_unchecked
 
 from ._attn import AttnFactory, stage_attention
 from ._head import PooledClassifier, check_images
@@ -29,7 +29,7 @@ from .registry import SENET_PAPER, build_variant, register_model
 from .vgg import init_weights
 
 
-class ConvBN(nn.Module):
+class ConvBN(NoScript, nn.Module):
     """Conv (no bias) + BN + ReLU, keys ``conv``/``bn`` (timm's ``BasicConv2d``)."""
 
     def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
@@ -62,7 +62,7 @@ _BN_INCEPTION = (
 _BN_STAGES = (("3a", "3b"), ("3c", "4a", "4b", "4c", "4d"), ("4e", "5a", "5b"))
 
 
-class InceptionModule(nn.Module):
+class InceptionModule(NoScript, nn.Module):
     """BN-Inception module: concat(1x1, 1x1 -> 3x3, 1x1 -> 3x3 -> 3x3, pool [-> 1x1]), then ``attn``."""
 
     def __init__(self, cin: int, c1: int, c3r: int, c3: int, cdr: int, cd: int, pool: str, proj: int,
@@ -133,7 +133,7 @@ def _cbn(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
     return ConvBN(cin, cout, kernel, stride, padding, eps=_EPS)
 
 
-class Mixed5b(nn.Module):
+class Mixed5b(NoScript, nn.Module):
     """The TF-slim 35x35 entry: 1x1 96 | 1x1 48 -> 5x5 64 | 1x1 64 -> 3x3 96 -> 3x3 96 | avg -> 1x1 64."""
 
     def __init__(self):
@@ -147,7 +147,7 @@ class Mixed5b(nn.Module):
         return torch.cat([b(x) for b in (self.branch0, self.branch1, self.branch2, self.branch3)], 1)  # 320
 
 
-class Reduction(nn.Module):
+class Reduction(NoScript, nn.Module):
     """Grid reduction (Reduction-A ``mixed_6a`` / Reduction-B ``mixed_7a``): strided branches + max-pool."""
 
     def __init__(self, branches: Sequence[nn.Module]):
@@ -159,7 +159,7 @@ class Reduction(nn.Module):
         return torch.cat([branch(x) for branch in self.children()], 1)
 
 
-class InceptionResBlock(nn.Module):
+class InceptionResBlock(NoScript, nn.Module):
     """``act(x + scale * attn(conv2d(cat(branches))))``: Inception-ResNet-A/B/C (paper Figs. 16-19)."""
 
     def __init__(self, channels: int, branches: Sequence[nn.Module], cat_channels: int, scale: float,
@@ -200,7 +200,7 @@ def _block8(make_attn: AttnFactory, scale: float = 0.20, relu: bool = True) -> I
     ], 448, scale, make_attn, relu)
 
 
-class InceptionResNetV2(nn.Module):
+class InceptionResNetV2(NoScript, nn.Module):
     """Inception-ResNet-v2 (TF-slim layout, timm names) with ``attn`` on every residual branch.
 
     Args: attn, attn_kwargs, attn_stages (3 stages: the 35x35 ``repeat``, 17x17 ``repeat_1`` and 8x8

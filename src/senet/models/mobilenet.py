@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from senet.layers import make_divisible
+from senet.layers._common import NoScript
 
 from ._attn import AttnFactory, stage_attention
 from ._head import check_images
@@ -59,7 +60,7 @@ def _check_width(width: float) -> float:
     return width
 
 
-class _Net(nn.Module):
+class _Net(NoScript, nn.Module):
     """Shared body: ``features`` (stem + blocks + last conv), global pooling, ``classifier``."""
 
     def _finish(self, layers: list[nn.Module], stage_ends: list[tuple[int, int]], features_only: bool) -> None:
@@ -103,7 +104,7 @@ _V1 = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
        (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 
 
-class DepthwiseSeparable(nn.Module):
+class DepthwiseSeparable(NoScript, nn.Module):
     """dw 3x3 + BN + ReLU, pw 1x1 + BN + ReLU, then attention (SENet Table 3's SE-MobileNet)."""
 
     def __init__(self, cin: int, cout: int, stride: int, make_attn: AttnFactory):
@@ -150,7 +151,7 @@ class MobileNetV1(_Net):
 _V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class InvertedResidualV2(nn.Module):
+class InvertedResidualV2(NoScript, nn.Module):
     """[1x1 expand + BN + ReLU6] -> dw 3x3 + BN + ReLU6 -> 1x1 linear projection + BN -> attention,
     plus the input when the shapes allow. ``conv`` has torchvision's layout."""
 
@@ -232,7 +233,7 @@ _V3 = {"large": (_V3_LARGE, 1280), "small": (_V3_SMALL, 1024)}
 _V3_ACTS: dict[str, ActLayer] = {"RE": partial(nn.ReLU, inplace=True), "HS": nn.Hardswish}
 
 
-class InvertedResidualV3(nn.Module):
+class InvertedResidualV3(NoScript, nn.Module):
     """[1x1 expand] -> dw kxk -> attention (SE rows only) -> 1x1 linear projection, + input if shapes allow.
 
     ``block`` has torchvision's indices: the attention takes index 2 (1 without expansion) and shifts

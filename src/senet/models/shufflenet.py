@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from senet.layers._common import NoScript
+
 from ._attn import AttnFactory, stage_attention
 from ._head import PooledClassifier
 from .registry import SENET_PAPER, build_variant, register_model
@@ -38,7 +40,7 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1)
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
 
 
-class ShuffleUnit(nn.Module):
+class ShuffleUnit(NoScript, nn.Module):
     """ShuffleNet unit with ``attn`` on the residual branch (before the add / concat)."""
 
     def __init__(self, cin: int, cout: int, *, stride: int, groups: int, mid: int, group_first: bool,

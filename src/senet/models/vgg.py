@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from senet.layers._common import NoScript
+
 from ._attn import AttnFactory, stage_attention
 from ._head import check_images
 from .registry import SENET_PAPER, build_variant, register_model
@@ -30,7 +32,7 @@ from .registry import SENET_PAPER, build_variant, register_model
 _VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
-class ActAttn(nn.Module):
+class ActAttn(NoScript, nn.Module):
     """The last ReLU of a block, then its attention (``attn``; nn.Identity when none)."""
 
     def __init__(self, attn: nn.Module):
@@ -53,7 +55,7 @@ def _block(cin: int, widths: Sequence[int], batch_norm: bool, make_attn: AttnFac
     return layers + [nn.MaxPool2d(2, 2)]
 
 
-class VGG(nn.Module):
+class VGG(NoScript, nn.Module):
     """VGG with attention ``attn`` after the last conv + ReLU of each block (before the max-pool).
 
     Args:

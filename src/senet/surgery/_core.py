@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from senet.layers import create_attention, get_attention
+from senet.layers._common import NoScript
 
 from ._probe import area, probe
 from ._rules import ATTR, RULES, explicit_places, is_plain_sequential
@@ -27,7 +28,7 @@ from ._rules import ATTR, RULES, explicit_places, is_plain_sequential
 INITS = ("identity", "plain")
 
 
-class GatedExcitation(nn.Module):
+class GatedExcitation(NoScript, nn.Module):
     """``y = x + g · (A(x) - x)``, g a learnable scalar starting at ``gain`` (0: exactly the identity).
 
     The identity-at-insertion wrapper of ``senet.attach`` (Hu et al., SE networks, arXiv 1709.01507,
