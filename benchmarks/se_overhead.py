@@ -220,19 +220,42 @@ def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> 
 
 
 def bench_resnet(args) -> dict:
-    """se_resnet50 (fast path, default) and the same weights unfused, vs resnet50."""
-    se = create_model("se_resnet50")
-    models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)),
-              "resnet50": create_model("resnet50")}
-    return {key: run_subjects(models, cfg, batch) for key, cfg, batch in network_cases(args)}
+    """se_resnet50 (fast path, default) and the same weights unfused, vs resnet50; in each of ``--modes``
+    (default eager; keys without a prefix are eager, others are prefixed with their mode)."""
+    results = {}
+    for mode in args.modes or ["eager"]:
+        se = create_model("se_resnet50")
+        models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)),
+                  "resnet50": create_model("resnet50")}
+        if mode == "channels_last":
+            models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
+        prefix = "" if mode == "eager" else f"{mode}_"
+        for key, cfg, batch in network_cases(args, mode):
+            if mode != "eager":
+                print(f"{mode}:")
+            with inductor_freezing(mode == "compile_frozen"):
+                results[prefix + key] = run_subjects(models, cfg, batch)
+    return results
 
 
-def network_cases(args) -> list[tuple[str, BenchConfig, int]]:
-    """(results key, config, batch) for each ``--infer-batch`` and ``--train-batch`` of a network target."""
+def inductor_freezing(on: bool):
+    """Inductor's freezing (parameters as constants: BN folded into convs, weights prepacked) while ``on``."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=on)
+
+
+def network_cases(args, mode: str = "eager") -> list[tuple[str, BenchConfig, int]]:
+    """(results key, config, batch) for each ``--infer-batch`` and ``--train-batch`` of a network target.
+    ``compile_frozen`` (inductor's freezing: BN folded into the convs, weights prepacked) is inference only."""
+    opts = {"channels_last": mode == "channels_last", "compile": mode in ("compile", "compile_frozen")}
     infer = [(f"infer_b{b}", BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds,
-                                         iters=args.iters), b) for b in args.infer_batch]
+                                         iters=args.iters, **opts), b) for b in args.infer_batch]
     train = [(f"train_b{b}", BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds,
-                                         iters=1), b) for b in args.train_batch]
+                                         iters=1, **opts), b) for b in args.train_batch]
+    if mode == "compile_frozen" and train:
+        print("compile_frozen: inference only (freezing folds the weights as constants); training skipped")
+        train = []
     return infer + train
 
 
@@ -316,17 +339,21 @@ def timm_pair() -> dict[str, nn.Module]:
 
 def bench_timm(args) -> dict:
     results = {}
-    for mode in args.modes:
+    for mode in args.modes or ["eager", "channels_last", "compile"]:
         pair = timm_pair()
         if mode == "channels_last":
             pair = {n: m.to(memory_format=torch.channels_last) for n, m in pair.items()}
         cases = [(False, b) for b in args.infer_batch[:1]] + [(True, b) for b in args.train_batch[:1]]
+        if mode == "compile_frozen":
+            cases = [c for c in cases if not c[0]]  # freezing is for inference
         for train, batch in cases:  # --infer-batch / --train-batch with no value: skip that step
             cfg = BenchConfig("se_resnet50", "timm_seresnet50", channels_last=mode == "channels_last",
-                              compile=mode == "compile", train=train, warmup=2 if train else args.warmup,
-                              rounds=args.train_rounds if train else args.rounds, iters=1 if train else args.iters)
+                              compile=mode in ("compile", "compile_frozen"), train=train,
+                              warmup=2 if train else args.warmup, rounds=args.train_rounds if train else args.rounds,
+                              iters=1 if train else args.iters)
             print(f"{mode}:")
-            results[f"{mode}_{'train' if train else 'infer'}_b{batch}"] = run_subjects(pair, cfg, batch)
+            with inductor_freezing(mode == "compile_frozen"):
+                results[f"{mode}_{'train' if train else 'infer'}_b{batch}"] = run_subjects(pair, cfg, batch)
     return results
 
 
@@ -454,8 +481,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--infer-batch", type=int, nargs="*", default=[1, 16], help="none: skip inference")
     p.add_argument("--train-batch", type=int, nargs="*", default=[16], help="none: skip training")
     p.add_argument("--tag", default="", help="suffix of the results file name")
-    p.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compile"],
-                   choices=["eager", "channels_last", "compile"])
+    p.add_argument("--modes", nargs="+", choices=["eager", "channels_last", "compile", "compile_frozen"],
+                   help="timm (default: eager channels_last compile) and resnet (default: eager); compile_frozen: "
+                        "torch.compile with inductor's freezing, inference only")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)

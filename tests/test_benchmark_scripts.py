@@ -112,3 +112,36 @@ def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch
     assert saved["device"]["type"] == device and saved["config"]["device"] == device
     shape = saved["results"]["shapes"]["32x4x4"]
     assert shape["shape"] == [2, 32, 4, 4] and shape["fwd_vs_floor"]["ratio"] > 0
+
+
+def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
+    # the wiring of --modes for the resnet target, without timing ResNet-50s: what each run is asked to do
+    import json
+
+    import torch._inductor.config as inductor_config
+
+    calls = []
+
+    def record(models, cfg, batch):
+        formats = {n: next(m.parameters()).is_contiguous(memory_format=torch.channels_last) for n, m in models.items()
+                   if next(m.parameters()).dim() == 4}
+        calls.append((cfg.compile, cfg.channels_last, cfg.train, batch, inductor_config.freezing, formats))
+        return {"ok": True}
+
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "run_subjects", record)
+    from senet.models import CifarResNet
+
+    monkeypatch.setattr(se_overhead, "create_model",
+                        lambda name: CifarResNet("basic", 1, attn="se" if name.startswith("se_") else None))
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["resnet", "--modes", "eager", "channels_last", "compile_frozen", "--infer-batch", "1",
+                      "--train-batch", "2", "--tag", "_modes"])
+    saved = json.loads((tmp_path / "se_overhead_resnet_modes.json").read_text())
+    assert sorted(saved["results"]) == sorted(["infer_b1", "train_b2", "channels_last_infer_b1",
+                                               "channels_last_train_b2", "compile_frozen_infer_b1"])
+    assert [c[:5] for c in calls] == [(False, False, False, 1, False), (False, False, True, 2, False),
+                                      (False, True, False, 1, False), (False, True, True, 2, False),
+                                      (True, False, False, 1, True)]  # frozen: compiled, inference only
+    assert all(all(c[5].values()) == c[1] for c in calls)  # channels_last moves the weights too
+    assert inductor_config.freezing is False  # restored
