@@ -224,6 +224,7 @@ def bench_resnet(args) -> dict:
     (default eager; keys without a prefix are eager, others are prefixed with their mode)."""
     results = {}
     for mode in args.modes or ["eager"]:
+        torch._dynamo.reset()  # compiled code is shared by module instances: a mode must not reuse another's
         se = create_model("se_resnet50")
         models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)),
                   "resnet50": create_model("resnet50")}
@@ -340,6 +341,7 @@ def timm_pair() -> dict[str, nn.Module]:
 def bench_timm(args) -> dict:
     results = {}
     for mode in args.modes or ["eager", "channels_last", "compile"]:
+        torch._dynamo.reset()
         pair = timm_pair()
         if mode == "channels_last":
             pair = {n: m.to(memory_format=torch.channels_last) for n, m in pair.items()}
