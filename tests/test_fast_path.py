@@ -10,6 +10,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import perturb_bn
 from torch import nn
 
 from senet.bench import activation_bytes
@@ -247,6 +248,33 @@ def test_torch_compile_matches_eager_reference(backend, dtype, channels_last, tr
     unit = _unit("basic" if backend == "inductor" else "bottleneck").to(dtype=dtype, memory_format=fmt).train(train)
     x = torch.randn(2, 16, 6, 6, dtype=dtype).contiguous(memory_format=fmt)
     _assert_matches_reference(unit, x, dtype, run=torch.compile(unit, backend=backend, fullgraph=True))
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+@pytest.mark.parametrize("attn", ["se_released", "se_mobilenetv3"])  # sigmoid; hard-sigmoid with 1x1-conv FCs
+@pytest.mark.parametrize("hook_bn", [False, True], ids=["plain", "hooked-bn"])
+def test_compiled_inference_squeezes_before_bn(block, attn, hook_bn, monkeypatch):
+    # compiled inference squeezes c before BN (mean_hw bn(c) = bn(mean_hw c) with running statistics) so
+    # that the compiler fuses BN into the scale's pass; the same values as the reference, and only where
+    # it holds: a hook on BN may change its output, so the unit then squeezes bn(c) as usual
+    traced = []
+    real = _attn.compiled_squeeze_before_bn
+    monkeypatch.setattr(_attn, "compiled_squeeze_before_bn", lambda *a: traced.append(real(*a)) or traced[-1])
+    planes = 8 if block == "bottleneck" else 32
+    cls = Bottleneck if block == "bottleneck" else BasicBlock
+    cout = planes * cls.expansion
+    down = nn.Sequential(nn.Conv2d(16, cout, 1, bias=False), nn.BatchNorm2d(cout))
+    unit = perturb_bn(cls(16, planes, downsample=down, make_attn=partial(create_attention, attn)).double())
+    bn = unit.bn3 if block == "bottleneck" else unit.bn2
+    if hook_bn:
+        bn.register_forward_hook(lambda m, i, o: o * 1.5)  # a hook that changes BN's output
+    x = torch.randn(3, 16, 6, 6, dtype=torch.float64)
+    with torch.inference_mode():
+        with reference_path():
+            want = unit(x)
+        got = torch.compile(unit, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert [t is not None for t in traced] == [not hook_bn]  # traced once; declined where BN is hooked
 
 
 # --- the SE block alone: x * s(mean x) with the squeeze's gradient folded into the scale's -----------

@@ -25,6 +25,8 @@ from senet.layers._common import NoScript
 from senet.layers.fused import (
     batch_norm_with_affine,
     can_fuse,
+    compiled_inference,
+    compiled_squeeze_before_bn,
     eager,
     fresh_output,
     infer_scale_add_relu,
@@ -110,6 +112,10 @@ class AttnUnit(NoScript, nn.Module):
             if with_affine is not None:
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
+        if fused and compiled_inference():
+            out = compiled_squeeze_before_bn(self.attn, bn, c, shortcut, self.act)
+            if out is not None:  # placement "standard": nothing after the ReLU
+                return out
         out = bn(c)
         fresh = fresh_output(bn)
         if fused and inference():
