@@ -447,9 +447,13 @@ def compiled_squeeze_before_bn(attn: nn.Module, bn: nn.Module, c: torch.Tensor, 
     if not (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None and c.dim() == 4
             and getattr(attn, "pool", "avg") == "avg" and not observed(bn)):
         return None
-    z = F.batch_norm(c.mean((2, 3), keepdim=True), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
-                     bn.eps)
-    return act(bn(c) * attn.gate(attn.pooled_logits(z)) + shortcut)
+    return act(bn(c) * attn.gate(attn.pooled_logits(_bn_on_pooled(bn, c.mean((2, 3), keepdim=True)))) + shortcut)
+
+
+def _bn_on_pooled(bn: nn.BatchNorm2d, pooled: torch.Tensor) -> torch.Tensor:
+    """``bn`` with its running statistics on a pooled (B, C, 1, 1) vector: eval-mode BN is affine per channel,
+    so ``bn(mean_hw c) == mean_hw bn(c)``. One call instead of building BN's affine map (a dozen small ops)."""
+    return torch.batch_norm(pooled, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps, False)
 
 
 # The squeeze goes through the last 1x1 conv when that reads at least this many fewer elements (1 MiB
@@ -477,10 +481,7 @@ def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: tor
     if observed(conv, bn):  # a hook may have changed either's output: x need not be bn(conv(h))
         return None
     mean_c = F.linear(h.mean((2, 3)), weight.flatten(1), conv.bias)  # mean_hw conv(h), (B, C)
-    # bn is affine per channel in eval mode: bn(mean_hw c) == mean_hw bn(c); one call on the pooled (B, C, 1, 1)
-    # instead of building A, B (a dozen small ops)
-    return torch.batch_norm(mean_c.view(*mean_c.shape, 1, 1), bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                            False, 0.0, bn.eps, False)
+    return _bn_on_pooled(bn, mean_c.view(*mean_c.shape, 1, 1))
 
 
 def infer_scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,

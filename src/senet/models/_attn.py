@@ -112,10 +112,6 @@ class AttnUnit(NoScript, nn.Module):
             if with_affine is not None:
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
-        if fused and compiled_inference():
-            out = compiled_squeeze_before_bn(self.attn, bn, c, shortcut, self.act)
-            if out is not None:  # placement "standard": nothing after the ReLU
-                return out
         out = bn(c)
         fresh = fresh_output(bn)
         if fused and inference():
@@ -124,6 +120,10 @@ class AttnUnit(NoScript, nn.Module):
                 z = squeeze_through_conv(*conv_in, bn, out)
             return infer_scale_add_relu(self.attn, out, shortcut, z=z, inplace=fresh)
         if fused:
+            if compiled_inference():  # here, not first: no check on eager's path; the compiler drops the unused out
+                y = compiled_squeeze_before_bn(self.attn, bn, c, shortcut, self.act)
+                if y is not None:  # placement "standard": nothing after the ReLU
+                    return y
             # an identity shortcut is this unit's input, kept by conv1 anyway; a computed one is not
             keep_c = not isinstance(getattr(self, "downsample", None), (nn.Identity, type(None)))
             return scale_add_relu(self.attn, out, shortcut, source=(bn, c) if keep_c else None)
