@@ -34,7 +34,7 @@ from torch import nn
 from senet.bench import BenchConfig, Subject, _timed, activation_bytes, make_step, measure, paired_ratio_ci
 from senet.evaluate import provenance, write_json
 from senet.flops import count_macs
-from senet.layers import create_attention
+from senet.layers import create_attention, native
 from senet.layers.fused import reference_path
 from senet.models import create_model
 
@@ -205,6 +205,19 @@ class Unfused(nn.Module):
             return self.model(x)
 
 
+class PyTorchOps(nn.Module):
+    """``model`` with senet's native unit ends off (``senet.layers.native.off()``): PyTorch's ops only, as
+    before the native kernels (for resnet50: torchvision's ``bn``, ``+= identity``, ``relu``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with native.off():
+            return self.model(x)
+
+
 def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> dict:
     """``senet.bench.measure`` over named models; ratios of each to the last one (the baseline)."""
     subjects = [Subject(n, m.to(DEVICE), (3, 224, 224)) for n, m in models.items()]
@@ -225,17 +238,28 @@ def bench_resnet(args) -> dict:
     results = {}
     for mode in args.modes or ["eager"]:
         torch._dynamo.reset()  # compiled code is shared by module instances: a mode must not reuse another's
-        se = create_model("se_resnet50")
-        models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)),
-                  "resnet50": create_model("resnet50")}
+        se, r50 = create_model("se_resnet50"), create_model("resnet50")
+        models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)), "resnet50": r50}
         if mode == "channels_last":
             models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
+        # eager inference is where the native unit ends run: the same networks on PyTorch's ops beside them
+        ops = {"se_resnet50_pytorch_ops": PyTorchOps(se), "resnet50_pytorch_ops": PyTorchOps(r50)}
         prefix = "" if mode == "eager" else f"{mode}_"
         for key, cfg, batch in network_cases(args, mode):
             if mode != "eager":
                 print(f"{mode}:")
+            subjects = models
+            if mode == "eager" and not cfg.train:
+                subjects = {"se_resnet50": se, **ops, "se_resnet50_unfused": models["se_resnet50_unfused"],
+                            "resnet50": r50}
             with inductor_freezing(mode == "compile_frozen"):
-                results[prefix + key] = run_subjects(models, cfg, batch)
+                res = results[prefix + key] = run_subjects(subjects, cfg, batch)
+            if "resnet50_pytorch_ops" in subjects:
+                r = res["per_round_s"]
+                res["vs_resnet50_pytorch_ops"] = {n: ratio(r[n], r["resnet50_pytorch_ops"])
+                                                  for n in ("se_resnet50", "se_resnet50_pytorch_ops")}
+                print("  vs resnet50_pytorch_ops: " + ", ".join(
+                    f"{n} {fmt(v)}" for n, v in res["vs_resnet50_pytorch_ops"].items()))
     return results
 
 
@@ -266,7 +290,8 @@ class Ablated(nn.Module):
     ``add``      ``relu(x + shortcut)`` in place: the plain unit's work in the SE network's layout
     ``scale``    + the scale by a fixed ``s`` (``addcmul`` instead of ``add``)
     ``squeeze``  + the squeeze (``mean_hw x``, or through the last 1x1 conv as the fast path does)
-    and the unablated network adds the excitation (two FCs, ReLU, sigmoid) to that.
+    and the unablated network adds the excitation (two FCs, ReLU, sigmoid) to that. These are the parts
+    of the PyTorch-ops path: the native unit ends (``senet.layers.native``), one call each, are off here.
     """
 
     def __init__(self, model: nn.Module, part: str):
@@ -294,18 +319,20 @@ class Ablated(nn.Module):
         if self.part != "squeeze":
             _attn.squeeze_through_conv = lambda *a: None
         try:
-            return self.model(x)
+            with native.off():
+                return self.model(x)
         finally:
             _attn.infer_scale_add_relu, _attn.squeeze_through_conv = saved
 
 
 def bench_decompose(args) -> dict:
-    """Where se_resnet50's inference overhead over resnet50 goes: the same se_resnet50 with its SE unit
-    ends ablated step by step (``Ablated``), all interleaved with resnet50; the steps' paired per-round
-    differences price the structure (no SE work), the scale, the squeeze and the excitation."""
+    """Where se_resnet50's inference overhead over resnet50 goes on PyTorch's ops (the native unit ends
+    off): the same se_resnet50 with its SE unit ends ablated step by step (``Ablated``), all interleaved
+    with resnet50; the steps' paired per-round differences price the structure (no SE work), the scale,
+    the squeeze and the excitation."""
     se = create_model("se_resnet50")
-    models = {"se_resnet50": se, **{f"se_only_{p}": Ablated(se, p) for p in ("squeeze", "scale", "add")},
-              "resnet50": create_model("resnet50")}
+    models = {"se_resnet50": PyTorchOps(se), **{f"se_only_{p}": Ablated(se, p) for p in ("squeeze", "scale", "add")},
+              "resnet50": PyTorchOps(create_model("resnet50"))}
     results = {}
     for batch in args.infer_batch:
         cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from senet.layers import native
 from senet.models import _attn
 from senet.models.resnet import ResNet
 
@@ -24,8 +25,9 @@ def test_ablated_se_network_prices_the_parts_it_says():
     real_end = _attn.infer_scale_add_relu
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        out = {p: se_overhead.Ablated(se, p)(x) for p in ("add", "scale", "squeeze")}
-        full, without_se = se(x), plain(x)
+        out = {p: se_overhead.Ablated(se, p)(x) for p in ("add", "scale", "squeeze")}  # PyTorch's ops
+        with native.off():
+            full, without_se = se(x), plain(x)
     assert _attn.infer_scale_add_relu is real_end  # restored
     assert torch.equal(out["add"], without_se)  # "add": the unit ends of the network without SE
     assert torch.equal(out["scale"], out["squeeze"])  # the squeeze's value is computed and dropped
@@ -125,8 +127,9 @@ def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
     def record(models, cfg, batch):
         formats = {n: next(m.parameters()).is_contiguous(memory_format=torch.channels_last) for n, m in models.items()
                    if next(m.parameters()).dim() == 4}
-        calls.append((cfg.compile, cfg.channels_last, cfg.train, batch, inductor_config.freezing, formats))
-        return {"ok": True}
+        calls.append((cfg.compile, cfg.channels_last, cfg.train, batch, inductor_config.freezing, formats,
+                      sorted(models)))
+        return {"per_round_s": {n: [0.1, 0.2, 0.3] for n in models}}
 
     monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
     monkeypatch.setattr(se_overhead, "run_subjects", record)
@@ -144,4 +147,8 @@ def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
                                       (False, True, False, 1, False), (False, True, True, 2, False),
                                       (True, False, False, 1, True)]  # frozen: compiled, inference only
     assert all(all(c[5].values()) == c[1] for c in calls)  # channels_last moves the weights too
+    # eager inference, where the native unit ends run, has the same networks on PyTorch's ops beside them
+    plain = ["resnet50", "se_resnet50", "se_resnet50_unfused"]
+    assert [c[6] for c in calls] == [sorted(plain + ["resnet50_pytorch_ops", "se_resnet50_pytorch_ops"])] + [plain] * 4
+    assert saved["results"]["infer_b1"]["vs_resnet50_pytorch_ops"]["se_resnet50"]["ratio"] == 1.0
     assert inductor_config.freezing is False  # restored

@@ -25,6 +25,14 @@ from senet.models import ResNet
 
 ATOL = 1e-4
 
+
+def scaled_atol(ref: torch.Tensor) -> float:
+    """ATOL for logits up to 1 in size, relative 1e-5 of the largest beyond: with BN statistics perturbed, the
+    random networks' logits reach the hundreds, and float32 rounding (senet's native unit ends compute
+    ``bn(c) + shortcut`` in one expression, PyTorch in three) moves them by ~1e-6 of that. A wrong mapping
+    moves them by their own size."""
+    return ATOL * max(1.0, 0.1 * ref.abs().max().item())
+
 # (library, source name, senet model it must map to)
 SOURCES = [
     ("timm", "seresnet50", "se_resnet50"),
@@ -83,7 +91,7 @@ def test_source_round_trips_to_equal_logits(lib, name, arch, saved, x, tmp_path)
     r = model.load_report
     assert (r.new, r.skipped, r.unexpected) == ([], [], [])
     assert len(r.loaded) == len(source.state_dict())
-    torch.testing.assert_close(logits(model, x), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, x), ref, atol=scaled_atol(ref), rtol=0)
 
     # `senet convert` from the .safetensors copy writes the same tensors under the same arch, so
     # build_from_checkpoint(out) computes these logits (that path is checked in the round trip below).

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from ._common import (
     NoScript,
     check_channels,
@@ -137,7 +138,8 @@ class SqueezeExcite(NoScript, nn.Module):
             return scale_by_excitation(x, self.excite, tuple(self.parameters()))
         if inference():
             check_input(x, self.channels, type(self).__name__)
-            return x * self.infer_excitation(x)
+            y = native.se_scale(self, x)  # squeeze, excitation and scale in one native call where it applies
+            return x * self.infer_excitation(x) if y is None else y
         return x * self.excitation(x)
 
     def extra_repr(self) -> str:

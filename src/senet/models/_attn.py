@@ -14,13 +14,14 @@ Placements follow the SE paper's integration study (Hu et al., arXiv 1709.01507,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
 import torch
 from torch import nn
 
-from senet.layers import create_attention, list_attentions
+from senet.layers import create_attention, list_attentions, native
 from senet.layers._common import NoScript
 from senet.layers.fused import (
     batch_norm_with_affine,
@@ -31,10 +32,12 @@ from senet.layers.fused import (
     fresh_output,
     infer_scale_add_relu,
     inference,
+    observed,
     scale_add_relu,
     squeeze_through_conv,
 )
 
+INPLACE = os.environ.get("INPLACE") == "1"
 PLACEMENTS = ("standard", "pre", "post", "identity", "after_3x3")
 
 AttnFactory = Callable[[int], nn.Module]  # channels -> attention block (or nn.Identity)
@@ -112,6 +115,10 @@ class AttnUnit(NoScript, nn.Module):
             if with_affine is not None:
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
+        if inference() and not observed(bn):
+            y = self._native_end(fused, c, bn, shortcut, conv_in)
+            if y is not None:
+                return y
         out = bn(c)
         fresh = fresh_output(bn)
         if fused and inference():
@@ -131,3 +138,22 @@ class AttnUnit(NoScript, nn.Module):
             return self._at("post", self.act(out.add_(shortcut)))
         out = self._at("standard", out)
         return self._at("post", self.act(out + shortcut))
+
+    def _native_end(self, fused: bool, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
+                    conv_in: tuple[nn.Module, torch.Tensor] | None) -> torch.Tensor | None:
+        """The unit's end in one native call (``senet.layers.native``; eager inference, nobody watching ``bn``),
+        or None where the kernels do not apply: SE at ``standard`` (``fused``) or no attention at the end.
+
+        The result goes into ``c`` itself when ``conv_in`` says a plain, unhooked ``nn.Conv2d`` made it: then
+        nothing else holds ``c`` (no autograd in inference), and a fresh output would cost its page faults
+        (se_resnet50, batch 1: 0.935 [0.913, 0.960] of the time with a fresh one; docs/performance.md)."""
+        conv = None if conv_in is None else conv_in[0]
+        inplace = type(conv) is nn.Conv2d and not observed(conv)
+        if fused:
+            return native.se_unit_end(self.attn, bn, c, shortcut, inplace)
+        act = self.act
+        if type(act) is not nn.ReLU or observed(act) or (
+                self.attn_placement == "standard" and not isinstance(self.attn, nn.Identity)):
+            return None
+        y = native.bn_add_relu(bn, c, shortcut, inplace)
+        return None if y is None else self._at("post", y)

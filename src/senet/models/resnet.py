@@ -57,7 +57,7 @@ class BasicBlock(AttnUnit):
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
         out = self._at("after_3x3", self.act(self.bn1(self.conv1(x))))
-        return self._merge(self.conv2(out), self.bn2, shortcut)  # post(act(standard(bn2(.)) + shortcut))
+        return self._merge(self.conv2(out), self.bn2, shortcut, (self.conv2, out))  # post(act(standard(bn2(.)) + sc))
 
 
 class Bottleneck(AttnUnit):

@@ -1,0 +1,286 @@
+"""senet.layers.native: the unit ends of eager inference as C kernels, against the formula in float64 and
+against PyTorch's ops; where they must step aside; and how they are built (cached, atomic, optional)."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import perturb_bn
+from torch import nn
+
+from senet.layers import SqueezeExcite, create_attention, native
+from senet.layers.fused import reference_path
+from senet.models import CifarResNet, ResNet
+
+HAVE_CC = native._compiler() is not None and shutil.which(native._compiler() or "") is not None
+needs_kernels = pytest.mark.skipif(not HAVE_CC or native._disabled_by_env(), reason="no C compiler, or SENET_NATIVE=0")
+
+
+def random_bn(ch: int, affine: bool = True) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(ch, affine=affine).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.2, 3)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.5)
+    return bn
+
+
+def random_se(ch: int, **kw) -> SqueezeExcite:
+    se = SqueezeExcite(ch, **kw).eval()
+    with torch.no_grad():
+        for p in se.parameters():
+            p.normal_(0, 0.3)
+    return se
+
+
+def formula(bn, se, c, shortcut=None):
+    """relu(bn(c) s + shortcut) (or x s without BN and shortcut) by the paper's equations, in float64."""
+    c = c.double()
+    x = c if bn is None else F.batch_norm(c, bn.running_mean.double(), bn.running_var.double(),
+                                          None if bn.weight is None else bn.weight.double(),
+                                          None if bn.bias is None else bn.bias.double(), False, 0.0, bn.eps)
+    if se is not None:
+        fc1, fc2 = se.fc1, se.fc2
+        z = x.mean((2, 3))
+        h = F.relu(F.linear(z, fc1.weight.double(), None if fc1.bias is None else fc1.bias.double()))
+        s = torch.sigmoid(F.linear(h, fc2.weight.double(), None if fc2.bias is None else fc2.bias.double()))
+        x = x * s[:, :, None, None]
+    return x if shortcut is None else F.relu(x + shortcut.double())
+
+
+SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 24, 9, 3), (5, 37, 5, 6)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,ch,hw,hidden", SHAPES)
+def test_kernels_compute_the_formula(n, ch, hw, hidden, threads):
+    # batch 1 and 16, 7x7 and 1x1 maps, channel and hidden counts that are not multiples of the vector width
+    # or of four (the products go four rows at a time), BN with and without affine terms, FCs with and without bias
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for affine, bias in [(True, True), (False, False)]:
+            bn, se = random_bn(ch, affine), random_se(ch, hidden=hidden, bias=bias)
+            c, sc = torch.randn(n, ch, hw, hw), torch.randn(n, ch, hw, hw)
+            with torch.inference_mode():
+                got = {"se_unit_end": native.se_unit_end(se, bn, c, sc), "bn_add_relu": native.bn_add_relu(bn, c, sc),
+                       "se_scale": native.se_scale(se, c)}
+            want = {"se_unit_end": formula(bn, se, c, sc), "bn_add_relu": formula(bn, None, c, sc),
+                    "se_scale": formula(None, se, c)}
+            for k, y in got.items():
+                assert y is not None, k
+                assert y.dtype == torch.float32 and y.shape == c.shape
+                torch.testing.assert_close(y.double(), want[k], atol=2e-5, rtol=2e-5, msg=k)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_threads_give_identical_results():
+    # each plane's sum and each product row is one thread's work: 1 and 2 threads agree to the bit
+    bn, se = random_bn(512), random_se(512, bias=True)
+    c, sc = torch.randn(8, 512, 14, 14), torch.randn(8, 512, 14, 14)
+    before, out = torch.get_num_threads(), []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.inference_mode():
+                out.append(native.se_unit_end(se, bn, c, sc))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1])
+
+
+def se_resnet(block: str = "bottleneck") -> nn.Module:
+    if block == "basic":
+        return perturb_bn(CifarResNet("basic", 1, attn="se", num_classes=7))
+    return perturb_bn(ResNet("bottleneck", [1, 1, 1, 1], attn="se_released", num_classes=7))
+
+
+@needs_kernels
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+@pytest.mark.parametrize("attn", ["se", None])
+def test_networks_take_the_kernels_in_eager_inference(block, attn, monkeypatch):
+    torch.manual_seed(0)
+    if block == "basic":
+        model = perturb_bn(CifarResNet("basic", 1, attn=attn, num_classes=7))
+        x = torch.randn(3, 3, 32, 32)
+    else:
+        model = perturb_bn(ResNet("bottleneck", [1, 1, 1, 1], attn=attn and "se_released", num_classes=7))
+        x = torch.randn(2, 3, 64, 64)
+    calls = []
+    for name in ("se_unit_end", "bn_add_relu"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    with torch.inference_mode():
+        got = model(x)
+        n_units = len(calls)
+        with native.off():
+            ops = model(x)
+        with reference_path():
+            ref = model(x)
+    units = sum(1 for m in model.modules() if hasattr(m, "_merge"))
+    assert n_units == units and set(calls) == {"se_unit_end" if attn else "bn_add_relu"}
+    torch.testing.assert_close(got, ops, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        ref64 = model.double()(x.double())
+    err, err_ops = (got.double() - ref64).abs().max(), (ops.double() - ref64).abs().max()
+    assert err <= 4 * err_ops + 1e-6  # as close to float64 as PyTorch's float32 ops, give or take rounding
+
+
+@needs_kernels
+def test_the_block_alone_takes_the_kernel_in_inference():
+    se = random_se(96, bias=True)
+    x = torch.randn(4, 96, 10, 10)
+    with torch.no_grad():
+        got = se(x)
+        with native.off():
+            ops = se(x)
+    torch.testing.assert_close(got.double(), formula(None, se, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ops, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_a_hooked_conv_keeps_its_output():
+    # the result goes into the last conv's output only when nothing else can hold it: a hook on that
+    # conv may keep it, so then the unit writes a fresh tensor
+    model = se_resnet().eval()
+    kept = []
+    model.layer1[0].conv3.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64))
+    out, copy = kept[0]
+    assert torch.equal(out, copy)
+
+
+@needs_kernels
+def test_kernels_step_aside_where_they_do_not_apply():
+    bn, se = random_bn(32), random_se(32, hidden=4)
+    c, sc = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 6, 6)
+    with torch.inference_mode():
+        assert native.se_unit_end(se, bn, c, sc) is not None
+        declined = {
+            "float64": native.se_unit_end(se, bn, c.double(), sc.double()),
+            "channels_last": native.se_unit_end(se, bn, c.to(memory_format=torch.channels_last),
+                                                sc.to(memory_format=torch.channels_last)),
+            "strided shortcut": native.se_unit_end(se, bn, c, sc.transpose(2, 3)),
+            "shortcut of another shape": native.se_unit_end(se, bn, c, sc[:, :, :3]),
+            "hard sigmoid gate": native.se_unit_end(random_se(32, hidden=4, gate="hard_sigmoid"), bn, c, sc),
+            "1x1-conv FCs": native.se_unit_end(random_se(32, hidden=4, fc="conv"), bn, c, sc),
+            "max pooling": native.se_unit_end(random_se(32, hidden=4, pool="max"), bn, c, sc),
+            "another SE": native.se_unit_end(create_attention("ese", 32).eval(), bn, c, sc),
+            "BN of other width": native.se_unit_end(se, random_bn(16), c, sc),
+            "SE of other width": native.se_unit_end(random_se(16, hidden=4), bn, c, sc),
+            "BatchNorm subclass": native.bn_add_relu(type("MyBN", (nn.BatchNorm2d,), {})(32).eval(), c, sc),
+            "BN without statistics": native.bn_add_relu(nn.BatchNorm2d(32, track_running_stats=False).eval(), c, sc),
+            "train-mode BN": native.bn_add_relu(nn.BatchNorm2d(32).train(), c, sc),
+        }
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            declined["autocast"] = native.se_unit_end(se, bn, c, sc)
+        with native.off():
+            declined["off()"] = native.se_unit_end(se, bn, c, sc)
+        se.fc1.register_forward_hook(lambda *a: None)
+        declined["hooked FC"] = native.se_unit_end(se, bn, c, sc)
+    assert {k: v for k, v in declined.items() if v is not None} == {}
+
+
+@needs_kernels
+def test_what_the_networks_do_not_hand_to_the_kernels(monkeypatch):
+    # training, a hooked BN, train-mode BN under no_grad: PyTorch's ops (and right)
+    model = se_resnet()
+    results = []
+
+    def spy(*a, _real=native.se_unit_end):
+        results.append(_real(*a))
+        return results[-1]
+
+    monkeypatch.setattr(native, "se_unit_end", spy)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()  # training: never asked
+    assert results == []
+    model.eval()
+    h = model.layer2[0].bn3.register_forward_hook(lambda *a: None)
+    with torch.inference_mode():
+        model(x)
+    h.remove()
+    assert len(results) == 3 and all(r is not None for r in results)  # the three unhooked units
+    results.clear()
+    model.train()
+    with torch.no_grad():
+        y = model(x)
+    assert len(results) == 4 and all(r is None for r in results)  # asked, declined: BN uses batch statistics
+    with reference_path(), torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_serial_build_steps_aside_when_torch_runs_threads(monkeypatch):
+    monkeypatch.setitem(native._state, "openmp", False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert native._threads() is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert native._threads() == 1
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """native as if nothing had been built in this process, caching under tmp_path."""
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "why": "not built yet", "openmp": False,
+                                           "path": None})
+    monkeypatch.setenv("SENET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SENET_NATIVE", raising=False)
+    return tmp_path
+
+
+@needs_kernels
+def test_built_once_then_loaded_from_the_cache(fresh_build, monkeypatch):
+    assert native.status()["available"]
+    built = sorted((fresh_build / "native").iterdir())
+    assert [p.suffix for p in built] == [".so"]  # the library, no sources or partial files left
+    runs = []
+    real_run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda cmd, **kw: runs.append(cmd) or real_run(cmd, **kw))
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "why": "", "openmp": False, "path": None})
+    assert native.status()["path"] == str(built[0])
+    assert all("-shared" not in cmd for cmd in runs)  # asked the compiler its version, compiled nothing
+
+
+def test_no_compiler_means_pytorch_ops_and_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable.*SENET_NATIVE=0"):
+        st = native.status()
+    assert not st["available"] and "no-such-cc" in st["why"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        model = se_resnet().eval()
+        x = torch.randn(1, 3, 64, 64)
+        with torch.inference_mode():
+            y = model(x)
+            with reference_path():
+                ref = model(x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_compile_leaves_nothing_behind(fresh_build, monkeypatch):
+    monkeypatch.setattr(native, "SOURCE", native.SOURCE + "\nthis is not C;\n")
+    if not HAVE_CC:
+        pytest.skip("no C compiler")
+    with pytest.warns(RuntimeWarning, match="build failed"):
+        assert native.library() is None
+    assert list((fresh_build / "native").iterdir()) == []
+
+
+def test_senet_native_0_turns_them_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("SENET_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st = native.status()
+    assert st == {"available": False, "why": "off: SENET_NATIVE=0", "openmp": False, "path": None}
+    with torch.inference_mode():
+        assert native.bn_add_relu(random_bn(8), torch.randn(1, 8, 3, 3), torch.randn(1, 8, 3, 3)) is None
