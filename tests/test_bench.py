@@ -83,6 +83,10 @@ def test_cli_bench_json_with_provenance(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert payload["config"]["baseline"] == "resnet20" and payload["versions"]["senet"]
     assert payload["device"]["type"] == "cpu" and "git_revision" in payload
+    from senet.layers import native
+
+    # the inference timings ran the native unit ends where this machine builds them: the file says which
+    assert payload["device"]["native_kernels"] == native.report() and native.report()["available"] is not None
     assert main(["bench"]) == 2  # neither MODEL nor --paper
 
 

@@ -67,13 +67,20 @@ def now() -> str:
 
 # environment variables that change speed without changing code: thread pools, the allocator
 _PERF_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "DNNL_", "ONEDNN_", "MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD",
-                      "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_")
+                      "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_", "SENET_NATIVE")
 
 
 def performance_env() -> dict[str, str]:
     """The set environment variables that change speed without changing code (thread pools, allocator
     settings such as ``MALLOC_MMAP_MAX_`` or an ``LD_PRELOAD``-ed jemalloc, inductor options)."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_PERF_ENV_PREFIXES)}
+
+
+def _native() -> dict:
+    """Whether senet's native CPU kernels (``senet.layers.native``) ran in this process, without building them."""
+    from senet.layers import native
+
+    return native.report()
 
 
 def provenance(config: dict, device: torch.device | str) -> dict:
@@ -83,7 +90,7 @@ def provenance(config: dict, device: torch.device | str) -> dict:
         "config": config,
         "versions": versions(),
         "device": {"type": torch.device(device).type, "name": device_name(device),
-                   "threads": torch.get_num_threads(), "env": performance_env()},
+                   "threads": torch.get_num_threads(), "env": performance_env(), "native_kernels": _native()},
         "git_revision": git_revision(),
         "created": now(),
     }

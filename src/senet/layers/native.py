@@ -371,6 +371,13 @@ def status() -> dict:
     """Whether the native kernels run here: built (path, OpenMP or one thread) or why not. Builds them if
     that has not been tried yet."""
     library()
+    return report()
+
+
+def report() -> dict:
+    """``status()`` without building: what this process has used so far (for results files' provenance)."""
+    if not _state["tried"]:
+        return {"available": None, "why": "not needed in this process so far", "openmp": None, "path": None}
     return {"available": _state["lib"] is not None, "why": _state["why"], "openmp": _state["openmp"],
             "path": _state["path"]}
 
