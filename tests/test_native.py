@@ -284,3 +284,20 @@ def test_senet_native_0_turns_them_off(fresh_build, monkeypatch):
     assert st == {"available": False, "why": "off: SENET_NATIVE=0", "openmp": False, "path": None}
     with torch.inference_mode():
         assert native.bn_add_relu(random_bn(8), torch.randn(1, 8, 3, 3), torch.randn(1, 8, 3, 3)) is None
+
+
+@needs_kernels
+def test_larger_batches_excite_through_pytorch_and_may_squeeze_through_the_conv(monkeypatch):
+    # above EXCITE_IN_C_MAX_BATCH the FCs are PyTorch's matrix products, and the squeeze may read the last
+    # 1x1 conv's input (fused.squeeze_through_conv): stage 1 of this network at batch 8 takes it
+    model = se_resnet()
+    x = torch.randn(native.EXCITE_IN_C_MAX_BATCH * 2, 3, 64, 64)
+    taken = []
+    real = native.squeeze_through_conv
+    monkeypatch.setattr(native, "squeeze_through_conv", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.inference_mode():
+        got = model(x)
+        with reference_path():
+            ref = model(x)
+    assert len(taken) == 4 and taken[0] is not None and taken[-1] is None  # stage 1 through the conv, stage 4 not
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import squeeze_through_conv
+
 SOURCE = r"""
 #include <math.h>
 #ifdef _OPENMP
@@ -471,9 +473,11 @@ def _se_weights(attn: nn.Module) -> tuple | None:
 
 
 def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
-                inplace: bool = False) -> torch.Tensor | None:
-    """``relu(attn(bn(c)) + shortcut)`` for a plain SE block, in one call (into a new tensor), or None
-    where it does not apply. The caller has checked what ``bn_add_relu`` says, for ``attn`` too."""
+                inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """``relu(attn(bn(c)) + shortcut)`` for a plain SE block, in one call (batches up to
+    ``EXCITE_IN_C_MAX_BATCH``), or None where it does not apply. The caller has checked what ``bn_add_relu``
+    says, for ``attn`` too. ``inplace``: the result may go into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``,
+    larger batches may squeeze from ``h`` (``fused.squeeze_through_conv``)."""
     lib = _state["lib"] if _state["tried"] else library()
     if lib is None or _off or not _fits(c) or shortcut.shape != c.shape or not _fits(shortcut):
         return None
@@ -490,10 +494,12 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     tmp = c.new_empty(3 * n * ch + n * r + 2 * ch)
     s = None
     if n > EXCITE_IN_C_MAX_BATCH:  # the FCs as matrix products: PyTorch's (BLAS) beat the kernel's loops
-        z = c.new_empty(n, ch)
-        lib.senet_squeeze(c.data_ptr(), z.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(bw), _ptr(bb), bn.eps,
-                          n, ch, h * wd, tmp.data_ptr(), nt)
-        s = _excite(z, w1, b1, w2, b2)
+        z = None if conv_in is None else squeeze_through_conv(*conv_in, bn, c)  # reads the conv's smaller input
+        if z is None:
+            z = c.new_empty(n, ch)
+            lib.senet_squeeze(c.data_ptr(), z.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(bw), _ptr(bb), bn.eps,
+                              n, ch, h * wd, tmp.data_ptr(), nt)
+        s = _excite(z.view(n, ch), w1, b1, w2, b2)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
                           n, ch, r, h * wd, _ptr(s), tmp.data_ptr(), nt)

@@ -150,7 +150,7 @@ class AttnUnit(NoScript, nn.Module):
         conv = None if conv_in is None else conv_in[0]
         inplace = type(conv) is nn.Conv2d and not observed(conv)
         if fused:
-            return native.se_unit_end(self.attn, bn, c, shortcut, inplace)
+            return native.se_unit_end(self.attn, bn, c, shortcut, inplace, conv_in)
         act = self.act
         if type(act) is not nn.ReLU or observed(act) or (
                 self.attn_placement == "standard" and not isinstance(self.attn, nn.Identity)):
