@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fused import squeeze_through_conv
@@ -450,30 +449,47 @@ def bn_add_relu(bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor, inplace:
     return y
 
 
-@functools.cache
-def _se_class() -> type:
-    from .se import SqueezeExcite  # here: se imports this module
+def _se_weights(attn: nn.Module, channels: int) -> tuple | None:
+    """(w1, b1, w2, b2) of a plain SE block over ``channels`` (``SqueezeExcite._lean_weights``) in the
+    layout the kernels read (float32, contiguous, W1 r x C, W2 C x r); None for anything else."""
+    lean = getattr(attn, "_lean_weights", None)
+    weights = None if lean is None else lean()
+    if weights is None:
+        return None
+    w1, b1, w2, b2 = weights
+    if w1.dim() != 2 or w1.shape[1] != channels:
+        return None
+    r = w1.shape[0]
+    if not (_float_params((w1, w2), r * channels) and _float_params((b1,), r) and _float_params((b2,), channels)
+            and w2.shape == (channels, r)):
+        return None
+    return weights
 
-    return SqueezeExcite
+
+def _se_call(attn: nn.Module, x: torch.Tensor) -> tuple | None:
+    """(library, threads, SE weights) when the kernels can compute the plain SE block ``attn`` on ``x``."""
+    lib = _state["lib"] if _state["tried"] else library()
+    if lib is None or _off or not _fits(x):
+        return None
+    nt = _threads()
+    if nt is None or (weights := _se_weights(attn, x.shape[1])) is None:
+        return None
+    return lib, nt, weights
 
 
-def _se_weights(attn: nn.Module) -> tuple | None:
-    """(w1, b1, w2, b2) of a plain SE block whose end the kernels compute; None for anything else."""
-    if type(attn) is not _se_class() or attn.pool != "avg":
-        return None
-    fcs = attn._plain_fcs()
-    gate = attn._modules["gate"]
-    if fcs is None or type(gate) is not nn.Sigmoid or gate._forward_hooks or gate._forward_pre_hooks:
-        return None
-    p1, p2 = fcs[0]._parameters, fcs[1]._parameters
-    w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
-    if w1 is None or w2 is None or w1.dim() != 2:
-        return None
-    r, c = w1.shape  # the kernels read W1 as r x c, W2 as c x r, b1 r and b2 c floats
-    if not (_float_params((w1, w2), r * c) and _float_params((b1,), r) and _float_params((b2,), c)
-            and w2.shape == (c, r)):
-        return None
-    return w1, b1, w2, b2
+def _squeeze(lib: ctypes.CDLL, x: torch.Tensor, nt: int, bn: nn.Module | None = None,
+             bnt: tuple | None = None) -> torch.Tensor:
+    """``mean_hw x`` (or ``mean_hw bn(x)``, ``bnt``: ``_bn_tensors(bn)``) per plane by the kernel, (B, C)."""
+    n, ch, h, w = x.shape
+    z = x.new_empty(n, ch)
+    if bnt is None:
+        lib.senet_squeeze(x.data_ptr(), z.data_ptr(), None, None, None, None, 0.0, n, ch, h * w, None, nt)
+    else:
+        bw, bb, rm, rv = bnt
+        tmp = x.new_empty(2 * ch)  # held here: a tensor made inside the call's arguments is freed before it runs
+        lib.senet_squeeze(x.data_ptr(), z.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(bw), _ptr(bb), bn.eps,
+                          n, ch, h * w, tmp.data_ptr(), nt)
+    return z
 
 
 def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
@@ -482,61 +498,39 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     ``EXCITE_IN_C_MAX_BATCH``), or None where it does not apply. The caller has checked what ``bn_add_relu``
     says, for ``attn`` too. ``inplace``: the result may go into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``,
     larger batches may squeeze from ``h`` (``fused.squeeze_through_conv``)."""
-    lib = _state["lib"] if _state["tried"] else library()
-    if lib is None or _off or not _fits(c) or shortcut.shape != c.shape or not _fits(shortcut):
+    call = _se_call(attn, c)
+    if call is None or shortcut.shape != c.shape or not _fits(shortcut):
         return None
-    nt = _threads()
-    if nt is None or (bnt := _bn_tensors(bn, c.shape[1])) is None or (weights := _se_weights(attn)) is None:
+    lib, nt, (w1, b1, w2, b2) = call
+    if (bnt := _bn_tensors(bn, c.shape[1])) is None:
         return None
     bw, bb, rm, rv = bnt
-    w1, b1, w2, b2 = weights
     n, ch, h, wd = c.shape
     r = w1.shape[0]
-    if w1.shape[1] != ch:
-        return None
     y = c if inplace else torch.empty_like(c)
-    tmp = c.new_empty(3 * n * ch + n * r + 2 * ch)
     s = None
     if n > EXCITE_IN_C_MAX_BATCH:  # the FCs as matrix products: PyTorch's (BLAS) beat the kernel's loops
         z = None if conv_in is None else squeeze_through_conv(*conv_in, bn, c)  # reads the conv's smaller input
-        if z is None:
-            z = c.new_empty(n, ch)
-            lib.senet_squeeze(c.data_ptr(), z.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(bw), _ptr(bb), bn.eps,
-                              n, ch, h * wd, tmp.data_ptr(), nt)
-        s = _excite(z.view(n, ch), w1, b1, w2, b2)
+        s = attn.infer_excitation(c, _squeeze(lib, c, nt, bn, bnt) if z is None else z)
+    tmp = c.new_empty(3 * n * ch + n * r + 2 * ch)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
                           n, ch, r, h * wd, _ptr(s), tmp.data_ptr(), nt)
     return y
 
 
-def _excite(z: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-            b2: torch.Tensor | None) -> torch.Tensor:
-    """s = σ(W2 relu(W1 z + b1) + b2) for the pooled z (B, C) with PyTorch's ops, contiguous (B, C)."""
-    return F.linear(F.linear(z, w1, b1).relu_(), w2, b2).sigmoid_()
-
-
 def se_scale(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``attn(x) = x * s`` for a plain SE block alone (squeeze, excitation, scale in one call), or None
     where it does not apply. The caller has checked: eager inference, fast path enabled, nobody hooking."""
-    lib = _state["lib"] if _state["tried"] else library()
-    if lib is None or _off or not _fits(x):
+    call = _se_call(attn, x)
+    if call is None:
         return None
-    nt = _threads()
-    if nt is None or (weights := _se_weights(attn)) is None:
-        return None
-    w1, b1, w2, b2 = weights
+    lib, nt, (w1, b1, w2, b2) = call
     n, ch, h, wd = x.shape
     r = w1.shape[0]
-    if w1.shape[1] != ch:
-        return None
     y = torch.empty_like(x)
+    s = attn.infer_excitation(x, _squeeze(lib, x, nt)) if n > EXCITE_IN_C_MAX_BATCH else None  # as in se_unit_end
     tmp = x.new_empty(n * ch + n * r)
-    s = None
-    if n > EXCITE_IN_C_MAX_BATCH:  # as in se_unit_end
-        z = x.new_empty(n, ch)
-        lib.senet_squeeze(x.data_ptr(), z.data_ptr(), None, None, None, None, 0.0, n, ch, h * wd, None, nt)
-        s = _excite(z, w1, b1, w2, b2)
     lib.senet_se_scale(x.data_ptr(), y.data_ptr(), w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
                        n, ch, r, h * wd, _ptr(s), tmp.data_ptr(), nt)
     return y

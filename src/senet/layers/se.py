@@ -107,17 +107,29 @@ class SqueezeExcite(NoScript, nn.Module):
         a check is worth ~10 us there, a share of ResNet-50's ~90 ms that the 2 % target cannot spare
         (docs/performance.md). Callers: ``forward`` and the residual units, both only in eager inference.
         """
+        weights = self._lean_weights()
+        if weights is not None and not _autocast(x) and x.dtype == weights[0].dtype:
+            w1, b1, w2, b2 = weights
+            b = x.shape[0]
+            z = x.mean((2, 3)) if z is None else z.view(b, self.channels)  # (B, C)
+            return F.linear(F.linear(z, w1, b1).relu_(), w2, b2).sigmoid_().view(b, self.channels, 1, 1)
+        return self.gate(self.logits(x) if z is None else self.pooled_logits(z))
+
+    def _lean_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
+        """(W1, b1, W2, b2) when this block is exactly eq. 3 run by plain modules nobody hooks (this very
+        class, average pooling, ``_plain_fcs``, an ``nn.Sigmoid`` gate), so its excitation may be computed
+        from the weights directly (``infer_excitation``, ``senet.layers.native``); else None."""
+        if type(self) is not SqueezeExcite or self.pool != "avg":
+            return None
+        fcs = self._plain_fcs()
         gate = self._modules["gate"]  # not self.gate: Module.__getattr__ costs ~0.4-0.9 us, hot
-        fcs = self._plain_fcs() if type(self) is SqueezeExcite and self.pool == "avg" else None
-        if fcs is not None and type(gate) is nn.Sigmoid and not observed(gate) and not _autocast(x):
-            fc1, fc2 = fcs
-            w1, w2 = fc1._parameters.get("weight"), fc2._parameters.get("weight")
-            if w1 is not None and w2 is not None and x.dtype == w1.dtype:
-                b = x.shape[0]
-                z = x.mean((2, 3)) if z is None else z.view(b, self.channels)  # (B, C)
-                h = F.linear(z, w1, fc1._parameters.get("bias")).relu_()
-                return F.linear(h, w2, fc2._parameters.get("bias")).sigmoid_().view(b, self.channels, 1, 1)
-        return gate(self.logits(x) if z is None else self.pooled_logits(z))
+        if fcs is None or type(gate) is not nn.Sigmoid or observed(gate):
+            return None
+        p1, p2 = fcs[0]._parameters, fcs[1]._parameters
+        w1, w2 = p1.get("weight"), p2.get("weight")
+        if w1 is None or w2 is None:
+            return None
+        return w1, p1.get("bias"), w2, p2.get("bias")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's input W2 δ(W1 z), shaped (B, C, 1, 1) (``senet.layers.fused`` applies the gate)."""

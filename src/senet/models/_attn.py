@@ -14,7 +14,6 @@ Placements follow the SE paper's integration study (Hu et al., arXiv 1709.01507,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
@@ -37,7 +36,6 @@ from senet.layers.fused import (
     squeeze_through_conv,
 )
 
-INPLACE = os.environ.get("INPLACE") == "1"
 PLACEMENTS = ("standard", "pre", "post", "identity", "after_3x3")
 
 AttnFactory = Callable[[int], nn.Module]  # channels -> attention block (or nn.Identity)
