@@ -1,6 +1,7 @@
 """senet.layers.native: the unit ends of eager inference as C kernels, against the formula in float64 and
 against PyTorch's ops; where they must step aside; and how they are built (cached, atomic, optional)."""
 
+import copy
 import shutil
 import warnings
 
@@ -94,6 +95,102 @@ def test_threads_give_identical_results():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[0], out[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,ch,hw,hidden", [(16, 256, 24, 8), (8, 515, 25, 33)])
+def test_outputs_large_enough_to_stream_are_right(n, ch, hw, hidden):
+    # >= 8 MB outputs are written with streaming stores: planes of 576 floats all 16-byte aligned; planes of
+    # 625 floats mostly not (those take plain stores); forward (inference and training) and dL/dx
+    se = random_se(ch, hidden=hidden, bias=True)
+    x = torch.randn(n, ch, hw, hw)
+    assert x.numel() * 4 >= 8 << 20
+    with torch.no_grad():
+        y = native.se_scale(se, x)
+    torch.testing.assert_close(y.double(), formula(None, se, x), atol=2e-5, rtol=2e-5)
+    check_training_block(se, x)
+
+
+def block_grads(se: nn.Module, x: torch.Tensor, g: torch.Tensor, params: list) -> tuple:
+    """(y, dL/dx or None, [dL/dp for params]) of se(x) with upstream gradient g."""
+    y = se(x)
+    wanted = ([x] if x.requires_grad else []) + params
+    got = list(torch.autograd.grad(y, wanted, g))
+    return y, got.pop(0) if x.requires_grad else None, got
+
+
+def check_training_block(se: SqueezeExcite, x: torch.Tensor, x_grad: bool = True, param_grad: bool = True,
+                         g: torch.Tensor | None = None) -> None:
+    """se(x) in training takes the native function and gives float64 autograd's output and gradients."""
+    se = se.train()
+    for p in se.parameters():
+        p.requires_grad_(param_grad)
+    x = x.detach().requires_grad_(x_grad)
+    g = torch.randn(x.shape) if g is None else g
+    params = [p for p in se.parameters() if p.requires_grad]
+    y, dx, dps = block_grads(se, x, g, params)
+    assert type(y.grad_fn).__name__ == "_SEScaleBackward"
+    se64 = random_se(se.channels, hidden=se.hidden, bias=se.fc1.bias is not None).double()
+    se64.load_state_dict(se.state_dict())
+    for p in se64.parameters():
+        p.requires_grad_(param_grad)
+    x64 = x.detach().double().requires_grad_(x_grad)
+    with reference_path():
+        y64, dx64, dps64 = block_grads(se64, x64, g.double(), [p for p in se64.parameters() if p.requires_grad])
+    torch.testing.assert_close(y.double(), y64, atol=2e-5, rtol=2e-5)
+    assert (dx is None) == (not x_grad) and len(dps) == len(dps64)
+    for got, want in zip(([dx] if x_grad else []) + dps, ([dx64] if x_grad else []) + dps64, strict=True):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item() + 1e-7, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,ch,hw,hidden", SHAPES)
+def test_training_block_gives_autograds_gradients(n, ch, hw, hidden, threads):
+    # the SE block alone in training: forward and backward each one native call; dL/dx and the FCs'
+    # gradients against float64 autograd through the paper's ops, FCs with and without bias
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (True, False):
+            check_training_block(random_se(ch, hidden=hidden, bias=bias), torch.randn(n, ch, hw, hw))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_training_block_computes_only_the_gradients_asked_for():
+    se, x = random_se(40, hidden=6, bias=True), torch.randn(3, 40, 6, 6)
+    check_training_block(se, x, x_grad=True, param_grad=False)  # frozen FCs (fine-tuning around them)
+    check_training_block(se, x, x_grad=False, param_grad=True)  # the block first on a leaf input
+    # a gradient that is not contiguous (the next op transposed the map) is read right
+    g = torch.randn(3, 40, 6, 6).transpose(2, 3)
+    check_training_block(se, x, g=g)
+
+
+@needs_kernels
+def test_training_block_declines_and_refuses_double_backward():
+    se, x = random_se(24, hidden=3, bias=True).train(), torch.randn(2, 24, 5, 5, requires_grad=True)
+
+    def kind(xx, block=se):
+        return type(block(xx).grad_fn).__name__
+
+    assert kind(x) == "_SEScaleBackward"
+    assert kind(x.double(), copy.deepcopy(se).double()) == "_ScaleByExcitationBackward"
+    assert kind(x.to(memory_format=torch.channels_last)) == "_ScaleByExcitationBackward"
+    with native.off():
+        assert kind(x) == "_ScaleByExcitationBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kind(x) != "_SEScaleBackward"
+    assert kind(x, random_se(24, hidden=3, gate="hard_sigmoid").train()) == "_ScaleByExcitationBackward"
+    with reference_path():
+        assert kind(x) == "MulBackward0"
+    with pytest.raises(RuntimeError, match="no second derivatives"):  # a gradient penalty: refused, not wrong
+        torch.autograd.grad(se(x).square().sum(), x, create_graph=True)
+    h = se.fc2.register_forward_hook(lambda *a: None)
+    assert kind(x) != "_SEScaleBackward"
+    h.remove()
 
 
 def se_resnet(block: str = "bottleneck") -> nn.Module:

@@ -147,7 +147,8 @@ class SqueezeExcite(NoScript, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool == "avg" and can_recompute(self, x):  # training: one pass less backward
             check_input(x, self.channels, type(self).__name__)
-            return scale_by_excitation(x, self.excite, tuple(self.parameters()))
+            y = native.se_scale_train(self, x)  # forward and backward each one native call where it applies
+            return scale_by_excitation(x, self.excite, tuple(self.parameters())) if y is None else y
         if inference():
             check_input(x, self.channels, type(self).__name__)
             y = native.se_scale(self, x)  # squeeze, excitation and scale in one native call where it applies
