@@ -1,4 +1,5 @@
-"""Native CPU kernels for eager inference: a residual unit's whole end in one call.
+"""Native CPU kernels: a residual unit's whole end in eager inference in one call; the SE block alone in one call
+forward and one backward, in training too (``se_scale_train``).
 
 With PyTorch's ops as the unit of work, an SE-ResNet unit ends (in inference) in ``x = bn(c)``, a squeeze
 ``mean_hw x``, six small excitation calls and ``relu(x * s + shortcut)``: ten calls and four passes over
@@ -16,7 +17,9 @@ runtime and thread count; elsewhere they are single-threaded and used only while
 Used only where nothing can tell the difference: eager inference (no autograd) on the CPU, float32
 contiguous NCHW tensors, BN with running statistics, the plain SE block (``SqueezeExcite`` with Linear FCs,
 ReLU, sigmoid, average pooling) and a ReLU after the addition, nobody hooking any of them, no autocast,
-the fast path enabled (``fused.reference_path()`` turns these off too). Everything else takes PyTorch's ops.
+the fast path enabled (``fused.reference_path()`` turns these off too). In training (autograd) only the
+plain SE block used on its own (``_SEScale``: its backward too), under the same conditions but BN's.
+Everything else takes PyTorch's ops.
 Without a C compiler (or with ``SENET_NATIVE=0``) senet runs PyTorch's ops everywhere: same results up to
 float rounding, slower at small batches. ``status()`` says which, and why.
 """
