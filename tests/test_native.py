@@ -1,6 +1,7 @@
 """senet.layers.native: the unit ends of eager inference as C kernels, against the formula in float64 and
 against PyTorch's ops; where they must step aside; and how they are built (cached, atomic, optional)."""
 
+import contextlib
 import copy
 import shutil
 import warnings
@@ -53,6 +54,16 @@ def formula(bn, se, c, shortcut=None):
     return x if shortcut is None else F.relu(x + shortcut.double())
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 24, 9, 3), (5, 37, 5, 6)]
 
 
@@ -62,9 +73,7 @@ SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 
 def test_kernels_compute_the_formula(n, ch, hw, hidden, threads):
     # batch 1 and 16, 7x7 and 1x1 maps, channel and hidden counts that are not multiples of the vector width
     # or of four (the products go four rows at a time), BN with and without affine terms, FCs with and without bias
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for affine, bias in [(True, True), (False, False)]:
             bn, se = random_bn(ch, affine), random_se(ch, hidden=hidden, bias=bias)
             c, sc = torch.randn(n, ch, hw, hw), torch.randn(n, ch, hw, hw)
@@ -77,8 +86,6 @@ def test_kernels_compute_the_formula(n, ch, hw, hidden, threads):
                 assert y is not None, k
                 assert y.dtype == torch.float32 and y.shape == c.shape
                 torch.testing.assert_close(y.double(), want[k], atol=2e-5, rtol=2e-5, msg=k)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_kernels
@@ -86,15 +93,17 @@ def test_threads_give_identical_results():
     # each plane's sum and each product row is one thread's work: 1 and 2 threads agree to the bit
     bn, se = random_bn(512), random_se(512, bias=True)
     c, sc = torch.randn(8, 512, 14, 14), torch.randn(8, 512, 14, 14)
-    before, out = torch.get_num_threads(), []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
+    x, g = c.clone().requires_grad_(), torch.randn_like(c)
+    out = []
+    for t in (1, 2):
+        with torch_threads(t):
             with torch.inference_mode():
-                out.append(native.se_unit_end(se, bn, c, sc))
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(out[0], out[1])
+                end, alone = native.se_unit_end(se, bn, c, sc), native.se_scale(se, c)
+            y = se.train()(x)  # the block alone in training: output, dL/dx and the FCs' gradients
+            out.append([end, alone, y, *torch.autograd.grad(y, [x, *se.parameters()], g)])
+            se.eval()
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)
 
 
 @needs_kernels
@@ -150,13 +159,9 @@ def check_training_block(se: SqueezeExcite, x: torch.Tensor, x_grad: bool = True
 def test_training_block_gives_autograds_gradients(n, ch, hw, hidden, threads):
     # the SE block alone in training: forward and backward each one native call; dL/dx and the FCs'
     # gradients against float64 autograd through the paper's ops, FCs with and without bias
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for bias in (True, False):
             check_training_block(random_se(ch, hidden=hidden, bias=bias), torch.randn(n, ch, hw, hw))
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_kernels

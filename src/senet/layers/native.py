@@ -380,6 +380,16 @@ static void axpy_rows_shared(const float *a, long sai, long sat, long T, const f
     }
 }
 
+/* out[j] = sum_n a[n * J + j] for j < J (a bias's gradient), the columns shared among the team */
+static void column_sums(const float *a, long B, long J, float *out) {
+    #pragma omp for schedule(static)
+    for (long j = 0; j < J; ++j) {
+        float t = 0.0f;
+        for (long n = 0; n < B; ++n) t += a[n * J + j];
+        out[j] = t;
+    }
+}
+
 /* Backward of y = x s, s = sigmoid(W2 relu(W1 z + b1) + b2), z = mean_hw x (senet_se_scale's z, h, s),
    given g = dL/dy:
      da = (sum_hw g x) s (1 - s)             (B x C: the sigmoid's input)
@@ -402,26 +412,12 @@ void senet_se_scale_backward(const float *g, const float *x, const float *z, con
             da[p] = d * s[p] * (1.0f - s[p]);
         }
         if (dw2) axpy_rows_shared(da, 1, C, B, h, R, dw2, R, C, R);  /* dW2[c, j] = sum_n da[n, c] h[n, j] */
-        if (db2) {
-            #pragma omp for schedule(static)
-            for (long ch = 0; ch < C; ++ch) {
-                float t = 0.0f;
-                for (long n = 0; n < B; ++n) t += da[n * C + ch];
-                db2[ch] = t;
-            }
-        }
+        if (db2) column_sums(da, B, C, db2);
         axpy_rows_shared(da, C, 1, C, w2, R, dh, R, B, R);  /* dh[n, j] = sum_c da[n, c] W2[c, j] */
         #pragma omp for schedule(static)
         for (long q = 0; q < B * R; ++q) dh[q] = h[q] > 0.0f ? dh[q] : 0.0f;
         if (dw1) axpy_rows_shared(dh, 1, R, B, z, C, dw1, C, R, C);  /* dW1[j, k] = sum_n dh[n, j] z[n, k] */
-        if (db1) {
-            #pragma omp for schedule(static)
-            for (long j = 0; j < R; ++j) {
-                float t = 0.0f;
-                for (long n = 0; n < B; ++n) t += dh[n * R + j];
-                db1[j] = t;
-            }
-        }
+        if (db1) column_sums(dh, B, R, db1);
         if (dx) {
             axpy_rows_shared(dh, R, 1, R, w1, C, dz, C, B, C);  /* dz[n, k] = sum_j dh[n, j] W1[j, k] */
             int stream = STREAMED(B * C * HW * 4);
