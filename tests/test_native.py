@@ -139,8 +139,7 @@ def check_training_block(se: SqueezeExcite, x: torch.Tensor, x_grad: bool = True
     params = [p for p in se.parameters() if p.requires_grad]
     y, dx, dps = block_grads(se, x, g, params)
     assert type(y.grad_fn).__name__ == "_SEScaleBackward"
-    se64 = random_se(se.channels, hidden=se.hidden, bias=se.fc1.bias is not None).double()
-    se64.load_state_dict(se.state_dict())
+    se64 = copy.deepcopy(se).double()
     for p in se64.parameters():
         p.requires_grad_(param_grad)
     x64 = x.detach().double().requires_grad_(x_grad)

@@ -726,16 +726,20 @@ def se_scale(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``attn(x) = x * s`` for a plain SE block alone (squeeze, excitation, scale in one call), or None
     where it does not apply. The caller has checked: eager inference, fast path enabled, nobody hooking."""
     call = _se_call(attn, x)
-    if call is None:
-        return None
-    lib, nt, (w1, b1, w2, b2) = call
+    return None if call is None else _se_forward(x, *call)[0]
+
+
+def _se_forward(x: torch.Tensor, lib: ctypes.CDLL, nt: int, weights: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y = x s, work = z | h | s, the kernel's by-products that backward needs) of the plain SE block
+    with ``weights`` (w1, b1, w2, b2) on ``x``: squeeze, excitation and scale in one call."""
+    w1, b1, w2, b2 = weights
     n, ch, h, wd = x.shape
     r = w1.shape[0]
     y = torch.empty_like(x)
-    tmp = x.new_empty(2 * n * ch + n * r)
+    work = x.new_empty(2 * n * ch + n * r)
     lib.senet_se_scale(x.data_ptr(), y.data_ptr(), w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                       n, ch, r, h * wd, None, tmp.data_ptr(), nt)
-    return y
+                       n, ch, r, h * wd, None, work.data_ptr(), nt)
+    return y, work
 
 
 class _SEScale(torch.autograd.Function):
@@ -748,13 +752,8 @@ class _SEScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lib, nt, w1, b1, w2, b2):
-        n, ch, h, wd = x.shape
-        r = w1.shape[0]
-        y = torch.empty_like(x)
-        work = x.new_empty(2 * n * ch + n * r)  # z | h | s
-        lib.senet_se_scale(x.data_ptr(), y.data_ptr(), w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                           n, ch, r, h * wd, None, work.data_ptr(), nt)
-        ctx.lib, ctx.nt, ctx.biases = lib, nt, (b1 is not None, b2 is not None)
+        y, work = _se_forward(x, lib, nt, (w1, b1, w2, b2))
+        ctx.lib, ctx.nt = lib, nt
         ctx.save_for_backward(x, work, w1, w2)
         return y
 
@@ -768,9 +767,9 @@ class _SEScale(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = torch.empty_like(x) if need[0] else None
         dw1 = torch.empty_like(w1) if need[3] else None
-        db1 = w1.new_empty(r) if need[4] and ctx.biases[0] else None
+        db1 = w1.new_empty(r) if need[4] else None  # False for an absent bias (a None input)
         dw2 = torch.empty_like(w2) if need[5] else None
-        db2 = w2.new_empty(ch) if need[6] and ctx.biases[1] else None
+        db2 = w2.new_empty(ch) if need[6] else None
         tmp = x.new_empty(2 * n * ch + n * r)
         z, hid, s = work.split([n * ch, n * r, n * ch])
         ctx.lib.senet_se_scale_backward(g.data_ptr(), x.data_ptr(), z.data_ptr(), hid.data_ptr(), s.data_ptr(),
