@@ -388,17 +388,39 @@ def test_senet_native_0_turns_them_off(fresh_build, monkeypatch):
 
 
 @needs_kernels
-def test_larger_batches_excite_through_pytorch_and_may_squeeze_through_the_conv(monkeypatch):
-    # above EXCITE_IN_C_MAX_BATCH the FCs are PyTorch's matrix products, and the squeeze may read the last
-    # 1x1 conv's input (fused.squeeze_through_conv): stage 1 of this network at batch 8 takes it
+def test_large_unit_ends_squeeze_through_the_conv_and_excite_in_the_kernel(monkeypatch):
+    # from SQUEEZE_THROUGH_CONV_MIN_NUMEL elements the squeeze may read the last 1x1 conv's input
+    # (fused.squeeze_through_conv) and the kernel's products turn it into s; below it the kernel squeezes c
     model = se_resnet()
-    x = torch.randn(native.EXCITE_IN_C_MAX_BATCH * 2, 3, 64, 64)
-    taken = []
-    real = native.squeeze_through_conv
-    monkeypatch.setattr(native, "squeeze_through_conv", lambda *a: taken.append(real(*a)) or taken[-1])
+    x = torch.randn(8, 3, 64, 64)  # stage 1's c: 8 x 256 x 16 x 16 = 2**19 elements, stage 4's 2**16
+    taken, excited = [], []
+    real_stc, real_excite = native.squeeze_through_conv, native.excite
+    monkeypatch.setattr(native, "squeeze_through_conv", lambda *a: taken.append(real_stc(*a)) or taken[-1])
+    monkeypatch.setattr(native, "excite", lambda *a: excited.append(real_excite(*a)) or excited[-1])
     with torch.inference_mode():
+        assert torch.equal(model(x), model(x)) and not taken  # the default: every unit end too small
+        monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_NUMEL", 2**19)
         got = model(x)
         with reference_path():
             ref = model(x)
-    assert len(taken) == 4 and taken[0] is not None and taken[-1] is None  # stage 1 through the conv, stage 4 not
+    assert len(taken) == 1 and taken[0] is not None and len(excited) == 1  # stage 1 only
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_excitation_from_a_known_squeeze(threads):
+    # native.excite against the paper's FCs in float64: batch 16 and 3, hidden sizes off the blocking
+    for n, ch, hidden, bias in [(16, 2048, 128, True), (3, 37, 6, False)]:
+        se = random_se(ch, hidden=hidden, bias=bias)
+        z = torch.randn(n, ch)
+        with torch_threads(threads):
+            lib, nt, weights = native._se_call(se, z.view(n, ch, 1, 1))
+            s = native.excite(lib, nt, weights, z)
+        fc1, fc2 = se.fc1, se.fc2
+        h = F.relu(F.linear(z.double(), fc1.weight.double(), None if fc1.bias is None else fc1.bias.double()))
+        want = torch.sigmoid(F.linear(h, fc2.weight.double(), None if fc2.bias is None else fc2.bias.double()))
+        with torch.no_grad():
+            ops = se.excitation(z.view(n, ch, 1, 1)).view(n, ch)  # PyTorch's float32 ops
+        err, err_ops = (s.double() - want).abs().max(), (ops.double() - want).abs().max()
+        assert s.shape == (n, ch) and err <= 4 * err_ops + 1e-6, (err, err_ops)  # float32 rounding, as PyTorch's

@@ -294,6 +294,13 @@ static void excite(const float *z, float *h, float *s, const float *w1, const fl
     #pragma omp barrier
 }
 
+/* s = sigmoid(W2 relu(W1 z + b1) + b2) for a known z (B x C); h: B R floats of work */
+void senet_excite(const float *z, float *h, float *s, const float *w1, const float *b1, const float *w2,
+                  const float *b2, long B, long C, long R, int nt) {
+    #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * R > 32768)
+    excite(z, h, s, w1, b1, w2, b2, B, C, R);
+}
+
 /* y = relu(c k + m + sc) with k, m per plane (k[p % kc], m[p % kc]: per channel when kc = C) */
 static void affine_add_relu(const float *c, const float *sc, float *y, const float *k, const float *m,
                             long planes, long kc, long HW) {
@@ -434,6 +441,7 @@ _SIGNATURES = {
     "senet_bn_add_relu": [_P] * 7 + [_F] + [_L] * 3 + [_P, _I],
     "senet_squeeze": [_P] * 6 + [_F] + [_L] * 3 + [_P, _I],
     "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P, _P, _I],
+    "senet_excite": [_P] * 7 + [_L] * 3 + [_I],
     "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _P, _I],
     "senet_se_scale_backward": [_P] * 12 + [_L] * 4 + [_P, _I],
 }
@@ -600,12 +608,11 @@ try:  # torch >= 2.4 takes the device type; before, the CPU had a function of it
     _cpu_autocast = functools.partial(torch.is_autocast_enabled, "cpu")
 except TypeError:
     _cpu_autocast = torch.is_autocast_cpu_enabled
-# Up to this batch a unit end computes the excitation in the kernel; above it the squeeze may read the last
-# 1x1 conv's input instead (a quarter of the data in a bottleneck, ``fused.squeeze_through_conv``) and the
-# FCs are PyTorch's matrix products. The SE block alone (``se_scale``, ``se_scale_train``) has no such input
-# and computes everything in the kernel at any batch (register-blocked products: 0.23 ms at batch 16,
-# 2048 channels, against 0.39 ms for PyTorch's two F.linear, sigmoid and relu)
-EXCITE_IN_C_MAX_BATCH = 4
+# A unit end squeezes through the last 1x1 conv (``fused.squeeze_through_conv``: reads its input, a quarter of
+# the data in a bottleneck) only when its output has at least this many elements (8 MiB of float32): a smaller
+# one was just written by the conv and is still in cache, where reading it costs less than the detour's
+# small ops (se_resnet50, batch 2-16, per unit end: docs/performance.md item 11).
+SQUEEZE_THROUGH_CONV_MIN_NUMEL = 2**21
 
 
 def _fits(c: torch.Tensor) -> bool:
@@ -697,10 +704,10 @@ def _squeeze(lib: ctypes.CDLL, x: torch.Tensor, nt: int, bn: nn.Module | None = 
 
 def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
                 inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor | None:
-    """``relu(attn(bn(c)) + shortcut)`` for a plain SE block, in one call (batches up to
-    ``EXCITE_IN_C_MAX_BATCH``), or None where it does not apply. The caller has checked what ``bn_add_relu``
-    says, for ``attn`` too. ``inplace``: the result may go into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``,
-    larger batches may squeeze from ``h`` (``fused.squeeze_through_conv``)."""
+    """``relu(attn(bn(c)) + shortcut)`` for a plain SE block in one kernel call, or None where it does not
+    apply. The caller has checked what ``bn_add_relu`` says, for ``attn`` too. ``inplace``: the result may go
+    into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``; from ``SQUEEZE_THROUGH_CONV_MIN_NUMEL`` elements the
+    squeeze may read ``h`` instead (``fused.squeeze_through_conv``), and ``excite`` turns it into s."""
     call = _se_call(attn, c)
     if call is None or shortcut.shape != c.shape or not _fits(shortcut):
         return None
@@ -712,14 +719,28 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     r = w1.shape[0]
     y = c if inplace else torch.empty_like(c)
     s = None
-    if n > EXCITE_IN_C_MAX_BATCH:  # the FCs as matrix products: PyTorch's (BLAS) beat the kernel's loops
-        z = None if conv_in is None else squeeze_through_conv(*conv_in, bn, c)  # reads the conv's smaller input
-        s = attn.infer_excitation(c, _squeeze(lib, c, nt, bn, bnt) if z is None else z)
+    if conv_in is not None and c.numel() >= SQUEEZE_THROUGH_CONV_MIN_NUMEL:
+        z = squeeze_through_conv(*conv_in, bn, c)  # reads the conv's smaller input, or None
+        if z is not None:
+            s = excite(lib, nt, (w1, b1, w2, b2), z.view(n, ch))
     tmp = c.new_empty(3 * n * ch + n * r + 2 * ch)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
                           n, ch, r, h * wd, _ptr(s), tmp.data_ptr(), nt)
     return y
+
+
+def excite(lib: ctypes.CDLL, nt: int, weights: tuple, z: torch.Tensor) -> torch.Tensor:
+    """s = sigmoid(W2 relu(W1 z + b1) + b2), (B, C), by the kernel's products from a known squeeze ``z``
+    (B, C), for the plain SE block with ``weights`` (w1, b1, w2, b2)."""
+    w1, b1, w2, b2 = weights
+    n, ch = z.shape
+    z = z.contiguous()
+    s = z.new_empty(n, ch)
+    hid = z.new_empty(n, w1.shape[0])
+    lib.senet_excite(z.data_ptr(), hid.data_ptr(), s.data_ptr(), w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
+                     n, ch, w1.shape[0], nt)
+    return s
 
 
 def se_scale(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
