@@ -150,7 +150,24 @@ def block_steps(se: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
 
     def fwd_bwd():
         return torch.autograd.grad(se(xg), [xg, *params], g)
-    return {"mean": lambda: x.mean((2, 3)), "clone": x.clone, "fwd": fwd, "fwd_bwd": fwd_bwd}
+    return {"mean": lambda: x.mean((2, 3)), "clone": x.clone, "fwd": fwd, "fwd_bwd": fwd_bwd, **fc_products(se, x)}
+
+
+def fc_products(se: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The FCs' matrix products on their own, by PyTorch's BLAS (sgemm), to price the compute the memory
+    floor leaves out: forward W1 z and W2 h; backward dW2 = da^T h, dh = da W2, dW1 = dh^T z, dz = dh W1
+    (B x C by C x C/r each: at batch 16 and 2048 channels as many FLOPs as the floor's bytes take time)."""
+    w1, w2 = se.fc1.weight.detach(), se.fc2.weight.detach()
+    b, c = x.shape[:2]
+    z, da = torch.randn(b, c, device=x.device), torch.randn(b, c, device=x.device)
+    h = dh = torch.randn(b, w1.shape[0], device=x.device)
+
+    def fwd():
+        return z @ w1.t(), h @ w2.t()
+
+    def bwd():
+        return da.t() @ h, da @ w2, dh.t() @ z, dh @ w1
+    return {"fc_fwd": fwd, "fc_bwd": bwd}
 
 
 def bench_block(args) -> dict:
@@ -180,13 +197,19 @@ def bench_block(args) -> dict:
             "fwd_vs_floor_with_weights": ratio(t["fwd"], [f + a for f, a in zip(floor, w_fwd, strict=True)]),
             "fwd_bwd_vs_floor_with_weights": ratio(t["fwd_bwd"], [2 * f + a + b for f, a, b in
                                                                   zip(floor, w_fwd, w_bwd, strict=True)]),
+            # third view, not the target's floor either: the floor plus the FCs' products timed by BLAS
+            "fwd_vs_floor_plus_products": ratio(t["fwd"], [f + a for f, a in zip(floor, t["fc_fwd"], strict=True)]),
+            "fwd_bwd_vs_floor_plus_products": ratio(t["fwd_bwd"], [2 * f + a + b for f, a, b in zip(
+                floor, t["fc_fwd"], t["fc_bwd"], strict=True)]),
         }
         r = results["shapes"][f"{c}x{hw}x{hw}"]
         print(f"{tuple(x.shape)}: mean {r['mean_ms']:.2f} clone {r['clone_ms']:.2f} fwd {r['fwd_ms']:.2f} "
               f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms; fwd/floor {fmt(r['fwd_vs_floor'])}, "
               f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}; with FC weights: fwd "
               f"{r['fwd_vs_floor_with_weights']['ratio']:.3f}, "
-              f"fwd+bwd {r['fwd_bwd_vs_floor_with_weights']['ratio']:.3f}")
+              f"fwd+bwd {r['fwd_bwd_vs_floor_with_weights']['ratio']:.3f}; FC products (BLAS) fwd {r['fc_fwd_ms']:.2f} "
+              f"bwd {r['fc_bwd_ms']:.2f} ms, with them: fwd {r['fwd_vs_floor_plus_products']['ratio']:.3f}, "
+              f"fwd+bwd {r['fwd_bwd_vs_floor_plus_products']['ratio']:.3f}")
     return results
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from senet.layers import native
+from senet.layers import create_attention, native
 from senet.models import _attn
 from senet.models.resnet import ResNet
 
@@ -114,6 +114,25 @@ def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch
     assert saved["device"]["type"] == device and saved["config"]["device"] == device
     shape = saved["results"]["shapes"]["32x4x4"]
     assert shape["shape"] == [2, 32, 4, 4] and shape["fwd_vs_floor"]["ratio"] > 0
+    assert shape["fc_bwd_ms"] > 0 and shape["fwd_bwd_vs_floor_plus_products"]["ratio"] > 0
+
+
+def test_fc_products_are_the_fcs_forward_and_backward_products():
+    # the products priced beside the floor: the shapes of the FCs' outputs and of every gradient, and the
+    # values autograd gives for y = W x with those inputs
+    se = create_attention("se_released", 64)
+    x = torch.randn(3, 64, 5, 5)
+    torch.manual_seed(1)
+    fwd, bwd = (step() for step in se_overhead.fc_products(se, x).values())
+    torch.manual_seed(1)
+    z, da, h = torch.randn(3, 64), torch.randn(3, 64), torch.randn(3, 4)
+    w1, w2 = se.fc1.weight.detach().requires_grad_(), se.fc2.weight.detach().requires_grad_()
+    hh, zz = h.clone().requires_grad_(), z.clone().requires_grad_()
+    torch.autograd.backward([hh @ w2.t(), zz @ w1.t()], [da, h])  # upstream: da into W2's output, dh = h into W1's
+    torch.testing.assert_close(fwd[0], z @ se.fc1.weight.detach().t())
+    torch.testing.assert_close(fwd[1], h @ se.fc2.weight.detach().t())
+    for got, want in zip(bwd, [w2.grad, hh.grad, w1.grad, zz.grad], strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
