@@ -722,7 +722,7 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     if conv_in is not None and c.numel() >= SQUEEZE_THROUGH_CONV_MIN_NUMEL:
         z = squeeze_through_conv(*conv_in, bn, c)  # reads the conv's smaller input, or None
         if z is not None:
-            s = excite(lib, nt, (w1, b1, w2, b2), z.view(n, ch))
+            s = excite(lib, nt, (w1, b1, w2, b2), z.reshape(n, ch))
     tmp = c.new_empty(3 * n * ch + n * r + 2 * ch)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
