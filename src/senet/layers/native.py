@@ -323,15 +323,6 @@ void senet_bn_add_relu(const float *c, const float *sc, float *y, const float *r
     affine_add_relu(c, sc, y, alpha, beta, B * C, C, HW);
 }
 
-/* z[p] = mean_hw bn(x) for every plane p (plain means when rm is NULL); tmp: 2 C floats */
-void senet_squeeze(const float *x, float *z, const float *rm, const float *rv, const float *w, const float *b,
-                   float eps, long B, long C, long HW, float *tmp, int nt) {
-    float *alpha = rm ? tmp : 0, *beta = rm ? tmp + C : 0;
-    if (rm) bn_affine(rm, rv, w, b, eps, C, alpha, beta);
-    #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * HW > 32768)
-    squeeze(x, z, alpha, beta, B, C, HW);
-}
-
 /* y = relu(bn(c) s + sc), s = sigmoid(W2 relu(W1 mean_hw bn(c) + b1) + b2); y may be c or sc.
    s_in: s (B C floats) when the caller computed it (then the weights are not read), else NULL.
    tmp: 3 B C + B R + 2 C floats; on return its first B C floats are s. */
@@ -358,21 +349,18 @@ void senet_se_unit_end(const float *c, const float *sc, float *y, const float *r
 }
 
 /* y = x s, s = sigmoid(W2 relu(W1 mean_hw x + b1) + b2): the SE block alone; y may be x.
-   s_in: s when the caller computed it, else NULL (then work: 2 B C + B R floats, on return z = mean_hw x,
-   h = relu(W1 z + b1) and s, one after the other: what the backward needs). */
+   work: 2 B C + B R floats; on return z = mean_hw x, h = relu(W1 z + b1) and s, one after the other (what
+   the backward needs). */
 void senet_se_scale(const float *x, float *y, const float *w1, const float *b1, const float *w2,
-                    const float *b2, long B, long C, long R, long HW, const float *s_in, float *work, int nt) {
+                    const float *b2, long B, long C, long R, long HW, float *work, int nt) {
     float *z = work, *h = z + B * C, *s = h + B * R;
     #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * HW > 32768)
     {
-        if (!s_in) {
-            squeeze(x, z, 0, 0, B, C, HW);
-            excite(z, h, s, w1, b1, w2, b2, B, C, R);
-        }
-        const float *sv = s_in ? s_in : s;
+        squeeze(x, z, 0, 0, B, C, HW);
+        excite(z, h, s, w1, b1, w2, b2, B, C, R);
         int stream = y != x && STREAMED(B * C * HW * 4);
         #pragma omp for schedule(static)
-        for (long p = 0; p < B * C; ++p) plane_affine(x + p * HW, y + p * HW, HW, sv[p], 0.0f, stream);
+        for (long p = 0; p < B * C; ++p) plane_affine(x + p * HW, y + p * HW, HW, s[p], 0.0f, stream);
         stream_fence();
     }
 }
@@ -439,10 +427,9 @@ void senet_se_scale_backward(const float *g, const float *x, const float *z, con
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "senet_bn_add_relu": [_P] * 7 + [_F] + [_L] * 3 + [_P, _I],
-    "senet_squeeze": [_P] * 6 + [_F] + [_L] * 3 + [_P, _I],
     "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P, _P, _I],
     "senet_excite": [_P] * 7 + [_L] * 3 + [_I],
-    "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _P, _I],
+    "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _I],
     "senet_se_scale_backward": [_P] * 12 + [_L] * 4 + [_P, _I],
 }
 
@@ -687,21 +674,6 @@ def _se_call(attn: nn.Module, x: torch.Tensor) -> tuple | None:
     return lib, nt, weights
 
 
-def _squeeze(lib: ctypes.CDLL, x: torch.Tensor, nt: int, bn: nn.Module | None = None,
-             bnt: tuple | None = None) -> torch.Tensor:
-    """``mean_hw x`` (or ``mean_hw bn(x)``, ``bnt``: ``_bn_tensors(bn)``) per plane by the kernel, (B, C)."""
-    n, ch, h, w = x.shape
-    z = x.new_empty(n, ch)
-    if bnt is None:
-        lib.senet_squeeze(x.data_ptr(), z.data_ptr(), None, None, None, None, 0.0, n, ch, h * w, None, nt)
-    else:
-        bw, bb, rm, rv = bnt
-        tmp = x.new_empty(2 * ch)  # held here: a tensor made inside the call's arguments is freed before it runs
-        lib.senet_squeeze(x.data_ptr(), z.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(bw), _ptr(bb), bn.eps,
-                          n, ch, h * w, tmp.data_ptr(), nt)
-    return z
-
-
 def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
                 inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor | None:
     """``relu(attn(bn(c)) + shortcut)`` for a plain SE block in one kernel call, or None where it does not
@@ -759,7 +731,7 @@ def _se_forward(x: torch.Tensor, lib: ctypes.CDLL, nt: int, weights: tuple) -> t
     y = torch.empty_like(x)
     work = x.new_empty(2 * n * ch + n * r)
     lib.senet_se_scale(x.data_ptr(), y.data_ptr(), w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                       n, ch, r, h * wd, None, work.data_ptr(), nt)
+                       n, ch, r, h * wd, work.data_ptr(), nt)
     return y, work
 
 
