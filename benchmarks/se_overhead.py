@@ -119,19 +119,6 @@ def bandwidth(numel: int, args) -> dict[str, float]:
             "reduce_GBps": nbytes / np.median(t["mean"]) / 1e9}
 
 
-def op_counts(path: Path) -> dict[str, int]:
-    """Node counts (domain:op) of an ONNX file; on the graph onnxruntime saved after its optimizations
-    they show where its blocked-layout (NCHWc) convolutions hand tensors back to plain NCHW
-    (``ReorderOutput``/``ReorderInput``)."""
-    import onnx
-
-    ops: dict[str, int] = {}
-    for node in onnx.load(str(path)).graph.node:
-        key = f"{node.domain or 'ai.onnx'}:{node.op_type}"
-        ops[key] = ops.get(key, 0) + 1
-    return dict(sorted(ops.items()))
-
-
 def sgemm_gflops(n: int = 2048, reps: int = 10) -> float:
     """This core's float32 GEMM rate (best of ``reps`` n x n x n products), GFLOP/s."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -459,7 +446,7 @@ def bench_onnx(args) -> dict:
     """se_resnet50, batch 1, 224x224: onnxruntime session (threads = torch's) vs PyTorch eager; beside it
     the same weights with 1x1-conv FCs in onnxruntime, and resnet50 both ways (what the convolutions allow)."""
     from senet.convert import load_into
-    from senet.export import export_to_temp_onnx, onnx_session
+    from senet.export import temp_onnx_session
 
     se = create_model("se_resnet50").eval()
     se_conv = create_model("se_resnet50", attn_kwargs={"fc": "conv"}).eval()
@@ -470,10 +457,7 @@ def bench_onnx(args) -> dict:
     graphs = {}
 
     def ort(model, name):
-        path = export_to_temp_onnx(model, (3, 224, 224))
-        optimized = path.with_suffix(".optimized.onnx")
-        sess = onnx_session(path, optimized_path=optimized)
-        graphs[name] = op_counts(optimized)
+        sess, graphs[name] = temp_onnx_session(model, (3, 224, 224), optimized_ops=True)
         feed = {sess.get_inputs()[0].name: x.numpy()}
         return lambda: sess.run(None, feed)
     steps = {"torch_eager": make_step(se, x, train=False, runtime="torch", input_size=(3, 224, 224)),

@@ -1,6 +1,7 @@
 """senet export: parity with the eager model for one model per family, GlobalAveragePool in the ONNX graph."""
 
 import json
+import tempfile
 
 import numpy as np
 import onnx
@@ -9,7 +10,7 @@ import torch
 from onnx import TensorProto, helper
 
 from senet.cli import main
-from senet.export import export_model, load_spec, onnx_session, rewrite_global_pools
+from senet.export import export_model, load_spec, onnx_session, rewrite_global_pools, temp_onnx_session
 from senet.layers import attention_blocks
 from senet.models import CifarResNet, ResNet, create_model
 
@@ -139,6 +140,21 @@ def test_onnx_session_writes_the_optimized_graph(tmp_path):
     onnx.save(model, str(tmp_path / "r.onnx"))
     onnx_session(tmp_path / "r.onnx", threads=1, optimized_path=tmp_path / "opt.onnx")
     assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["ReduceMean"]
+
+
+def test_temp_onnx_session_runs_the_model_and_leaves_no_files(tmp_path, monkeypatch):
+    # benchmarks open one of these per run: its ~2x model-size files must not pile up in the temp directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = create_model("se_resnet20").eval()
+    sess, ops = temp_onnx_session(model, (3, 8, 8), threads=1, optimized_ops=True)
+    assert list(tmp_path.iterdir()) == []
+    x = torch.randn(3, 3, 8, 8)
+    with torch.inference_mode():
+        want = model(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], want, atol=1e-4)
+    assert ops and sum(ops.values()) > 0 and all(":" in k for k in ops)
+    assert temp_onnx_session(model, (3, 8, 8), threads=1)[1] is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rewrite_leaves_other_reductions():

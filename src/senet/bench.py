@@ -117,9 +117,9 @@ def _sync(device: torch.device) -> None:
 def make_step(model: nn.Module, x: torch.Tensor, *, train: bool, runtime: str, input_size) -> Callable[[], None]:
     """One timed unit of work: a forward pass, or forward + backward + SGD step with ``train``."""
     if runtime == "onnxruntime":
-        from senet.export import export_to_temp_onnx, onnx_session
+        from senet.export import temp_onnx_session
 
-        sess = onnx_session(export_to_temp_onnx(model, input_size))
+        sess, _ = temp_onnx_session(model, input_size)
         feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
         return lambda: sess.run(None, feed)
     if not train:

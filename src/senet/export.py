@@ -258,24 +258,40 @@ def _parity(model: nn.Module, path: Path, fmt: str, input_size, batches: list[in
             worst = max(worst, (run(x).float() - model(x).float()).abs().max().item())
     report = ExportReport(str(path), fmt, worst, batches)
     if fmt == "onnx":
-        import onnx
-
-        ops: dict[str, int] = {}
-        for node in onnx.load(str(path)).graph.node:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        report.onnx_ops = dict(sorted(ops.items()))
+        report.onnx_ops = onnx_op_counts(path)
     return report
 
 
-def export_to_temp_onnx(model: nn.Module, input_size, *, dynamic_batch: bool = True) -> Path:
-    """Export to an ONNX file in a fresh temporary directory (used by `senet bench --runtime onnxruntime`)."""
-    path = Path(tempfile.mkdtemp(prefix="senet-onnx-")) / "model.onnx"
-    report = export_model(model, path, "onnx", input_size, dynamic_batch=dynamic_batch, exporter="torchscript",
-                          opset=17)
-    if not report.ok:
-        raise ValueError(f"ONNX export differs from the eager model by {report.max_abs_diff:.2e} "
-                         f"(> {report.tolerance}); not benchmarking a wrong graph")
-    return path
+def onnx_op_counts(path: str | Path, *, domains: bool = False) -> dict[str, int]:
+    """Node counts per op type of an ONNX file (keys ``domain:op`` with ``domains``: on the graph onnxruntime
+    saved after its optimizations they show its own fused and blocked-layout ops)."""
+    import onnx
+
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        key = f"{node.domain or 'ai.onnx'}:{node.op_type}" if domains else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+def temp_onnx_session(model: nn.Module, input_size, *, threads: int | None = None, dynamic_batch: bool = True,
+                      optimized_ops: bool = False):
+    """An onnxruntime session on ``model`` exported to ONNX (checked against eager first), for benchmarks.
+
+    The files live in a temporary directory that is removed before returning (onnxruntime holds the graph in
+    memory), so repeated benchmarks leave nothing behind. Returns ``(session, ops)``: ``ops`` are the node counts
+    of the graph onnxruntime runs after its optimizations with ``optimized_ops``, else None."""
+    with tempfile.TemporaryDirectory(prefix="senet-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        report = export_model(model, path, "onnx", input_size, dynamic_batch=dynamic_batch, exporter="torchscript",
+                              opset=17)
+        if not report.ok:
+            raise ValueError(f"ONNX export differs from the eager model by {report.max_abs_diff:.2e} "
+                             f"(> {report.tolerance}); not benchmarking a wrong graph")
+        optimized = path.with_suffix(".optimized.onnx") if optimized_ops else None
+        sess = onnx_session(path, threads, optimized_path=optimized)
+        ops = onnx_op_counts(optimized, domains=True) if optimized else None
+    return sess, ops
 
 
 # ----------------------------------------------------------------------------- `senet export`
