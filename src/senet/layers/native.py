@@ -286,7 +286,7 @@ static void excite(const float *z, float *h, float *s, const float *w1, const fl
     }
     #pragma omp barrier
     share(C, VW, &lo, &hi);
-    if (R <= SHORT_K) rows_dot_short(w2, h, s, lo, hi, R, B, C);
+    if (R <= SHORT_K && B >= 2) rows_dot_short(w2, h, s, lo, hi, R, B, C);  /* the transposition pays from 2 */
     else rows_dot(w2, h, s, lo, hi, R, B, C);
     for (long n = 0; n < B; ++n) {
         float *sn = s + n * C;
