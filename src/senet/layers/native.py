@@ -235,7 +235,7 @@ static inline float exp_vec(float x) {
    it writes (one more pass over memory; memcpy streams too). glibc hands out larger blocks as fresh pages, which
    the kernel zeroes on the first store: a plain store then finds the line in cache, and streaming was slower.
    Measured (one thread, batch 16, ResNet-50's SE sizes, interleaved A/B): 0.63-0.70x the time at 12.8 and
-   25.7 MB, 1.22x at 51 MB; at 6.4 MB (2048 x 7 x 7) the block's forward 0.80x once planes of 49 floats could
+   25.7 MB, 1.22x at 51 MB; at 6.4 MB (2048 x 7 x 7) the block's forward 0.52x once planes of 49 floats could
    be streamed too (planes_affine). */
 #define STREAM_MIN_BYTES (4L << 20)
 #define STREAM_MAX_BYTES (32L << 20)
