@@ -109,7 +109,8 @@ def test_threads_give_identical_results():
 @needs_kernels
 @pytest.mark.parametrize("n,ch,hw,hidden", [(16, 256, 24, 8), (8, 515, 25, 33), (11, 1101, 14, 14),
                                              (20, 1101, 7, 7)])
-def test_outputs_large_enough_to_stream_are_right(n, ch, hw, hidden):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_outputs_large_enough_to_stream_are_right(n, ch, hw, hidden, threads):
     # outputs of 4-32 MB are written with streaming stores: planes of 576 floats all 16-byte aligned; planes of
     # 625 floats mostly not (those take plain stores); planes of 196 and 49 floats as one flat run of vectors,
     # four and sixteen planes a period, with three and four planes left over; forward (inference and training)
@@ -117,10 +118,11 @@ def test_outputs_large_enough_to_stream_are_right(n, ch, hw, hidden):
     se = random_se(ch, hidden=hidden, bias=True)
     x = torch.randn(n, ch, hw, hw)
     assert 4 << 20 <= x.numel() * 4 < 32 << 20
-    with torch.no_grad():
-        y = native.se_scale(se, x)
-    torch.testing.assert_close(y.double(), formula(None, se, x), atol=2e-5, rtol=2e-5)
-    check_training_block(se, x)
+    with torch_threads(threads):  # with two, each thread streams its share of whole periods
+        with torch.no_grad():
+            y = native.se_scale(se, x)
+        torch.testing.assert_close(y.double(), formula(None, se, x), atol=2e-5, rtol=2e-5)
+        check_training_block(se, x)
 
 
 def block_grads(se: nn.Module, x: torch.Tensor, g: torch.Tensor, params: list) -> tuple:
