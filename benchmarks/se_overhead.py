@@ -22,6 +22,7 @@ threads, git revision) and the load average before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 from collections.abc import Callable
@@ -203,29 +204,26 @@ def bench_block(args) -> dict:
 # ----------------------------------------------------------------------------- 2./3. networks
 
 
-class Unfused(nn.Module):
-    """``model`` run on the reference path: SE's scale, the addition and the ReLU as separate ops."""
+class Within(nn.Module):
+    """``model`` run within ``context()``: ``unfused`` (the reference path: SE's scale, the addition and the
+    ReLU as separate ops) or ``pytorch_ops`` (senet's native unit ends off, PyTorch's ops only, as before the
+    native kernels; for resnet50 torchvision's ``bn``, ``+= identity``, ``relu``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, context: Callable[[], contextlib.AbstractContextManager]):
         super().__init__()
-        self.model = model
+        self.model, self.context = model, context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with reference_path():
+        with self.context():
             return self.model(x)
 
 
-class PyTorchOps(nn.Module):
-    """``model`` with senet's native unit ends off (``senet.layers.native.off()``): PyTorch's ops only, as
-    before the native kernels (for resnet50: torchvision's ``bn``, ``+= identity``, ``relu``)."""
+def unfused(model: nn.Module) -> Within:
+    return Within(model, reference_path)
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with native.off():
-            return self.model(x)
+def pytorch_ops(model: nn.Module) -> Within:
+    return Within(model, native.off)
 
 
 def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> dict:
@@ -249,11 +247,11 @@ def bench_resnet(args) -> dict:
     for mode in args.modes or ["eager"]:
         torch._dynamo.reset()  # compiled code is shared by module instances: a mode must not reuse another's
         se, r50 = create_model("se_resnet50"), create_model("resnet50")
-        models = {"se_resnet50": se, "se_resnet50_unfused": Unfused(copy.deepcopy(se)), "resnet50": r50}
+        models = {"se_resnet50": se, "se_resnet50_unfused": unfused(copy.deepcopy(se)), "resnet50": r50}
         if mode == "channels_last":
             models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
         # eager inference is where the native unit ends run: the same networks on PyTorch's ops beside them
-        ops = {"se_resnet50_pytorch_ops": PyTorchOps(se), "resnet50_pytorch_ops": PyTorchOps(r50)}
+        ops = {"se_resnet50_pytorch_ops": pytorch_ops(se), "resnet50_pytorch_ops": pytorch_ops(r50)}
         prefix = "" if mode == "eager" else f"{mode}_"
         for key, cfg, batch in network_cases(args, mode):
             if mode != "eager":
@@ -341,8 +339,8 @@ def bench_decompose(args) -> dict:
     with resnet50; the steps' paired per-round differences price the structure (no SE work), the scale,
     the squeeze and the excitation."""
     se = create_model("se_resnet50")
-    models = {"se_resnet50": PyTorchOps(se), **{f"se_only_{p}": Ablated(se, p) for p in ("squeeze", "scale", "add")},
-              "resnet50": PyTorchOps(create_model("resnet50"))}
+    models = {"se_resnet50": pytorch_ops(se), **{f"se_only_{p}": Ablated(se, p) for p in ("squeeze", "scale", "add")},
+              "resnet50": pytorch_ops(create_model("resnet50"))}
     results = {}
     for batch in args.infer_batch:
         cfg = BenchConfig("se_resnet50", "resnet50", warmup=args.warmup, rounds=args.rounds, iters=args.iters)
