@@ -393,39 +393,72 @@ def test_senet_native_0_turns_them_off(fresh_build, monkeypatch):
 
 
 @needs_kernels
-def test_large_unit_ends_squeeze_through_the_conv_and_excite_in_the_kernel(monkeypatch):
-    # from SQUEEZE_THROUGH_CONV_MIN_NUMEL elements the squeeze may read the last 1x1 conv's input
-    # (fused.squeeze_through_conv) and the kernel's products turn it into s; below it the kernel squeezes c
+def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
+    # the squeeze reads the last 1x1 conv's input and weight instead of its output when that reads at least
+    # SQUEEZE_THROUGH_CONV_MIN_SAVING elements fewer and the product W mean(h) costs at most 4 MACs per element
+    # saved; the result is the reference path's up to float rounding
     model = se_resnet()
-    x = torch.randn(8, 3, 64, 64)  # stage 1's c: 8 x 256 x 16 x 16 = 2**19 elements, stage 4's 2**16
-    taken, excited = [], []
-    real_stc, real_excite = native.squeeze_through_conv, native.excite
-    monkeypatch.setattr(native, "squeeze_through_conv", lambda *a: taken.append(real_stc(*a)) or taken[-1])
-    monkeypatch.setattr(native, "excite", lambda *a: excited.append(real_excite(*a)) or excited[-1])
+    x = torch.randn(8, 3, 64, 64)
+    taken = []
+    real = native._through_conv
+
+    def spy(conv, h, c):
+        out = real(conv, h, c)
+        taken.append(out[0] is h)
+        return out
+
+    monkeypatch.setattr(native, "_through_conv", spy)
     with torch.inference_mode():
-        assert torch.equal(model(x), model(x)) and not taken  # the default: every unit end too small
-        monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_NUMEL", 2**19)
         got = model(x)
         with reference_path():
             ref = model(x)
-    assert len(taken) == 1 and taken[0] is not None and len(excited) == 1  # stage 1 only
+    # c, h, W per stage: 8x256x16x16, 8x64x16x16, 256x64 (saving 376832 elements, 131072 MACs): through;
+    # 8x512x8x8, 8x128x8x8, 512x128 (131072, 524288 MACs): through; stage 3: W (262144) outweighs the saving;
+    # stage 4 likewise
+    assert taken == [True, True, False, False]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    taken.clear()
+    monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 131073)  # stage 2 saves one element too few
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), got, atol=1e-5, rtol=1e-5)
+    assert taken == [True, False, False, False]
+    taken.clear()
+    model.layer1[0].conv3.register_forward_hook(lambda *a: None)  # a hook may change c: no detour
+    with torch.inference_mode():
+        model(x)
+    assert taken[0] is False
+    # where the product costs more than the read it saves: ResNet-50's stage 4 at batch 16 (W 2048 x 512;
+    # saving 204800 elements for 16.8M MACs) declines; the same conv on 16 x 16 maps (saving 5.2M) takes it
+    conv = nn.Conv2d(512, 2048, 1, bias=False)
+    for hw, want in [(7, False), (16, True)]:
+        h, c = torch.empty(16, 512, hw, hw), torch.empty(16, 2048, hw, hw)
+        assert (native._through_conv(conv, h, c)[0] is h) is want
 
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
-def test_excitation_from_a_known_squeeze(threads):
-    # native.excite against the paper's FCs in float64: batch 16 and 3, hidden sizes off the blocking
-    for n, ch, hidden, bias in [(16, 2048, 128, True), (3, 37, 6, False)]:
-        se = random_se(ch, hidden=hidden, bias=bias)
-        z = torch.randn(n, ch)
-        with torch_threads(threads):
-            lib, nt, weights = native._se_call(se, z.view(n, ch, 1, 1))
-            s = native.excite(lib, nt, weights, z)
+@pytest.mark.parametrize("n,ch_in,ch,hw,hidden,conv_bias", [
+    (1, 64, 256, 20, 16, False),  # batch 1: one row product per channel
+    (3, 37, 150, 9, 6, True),  # widths off the blocking, a conv bias
+    (16, 128, 515, 7, 33, True),  # batch >= 2, short rows: the transposed product
+    (2, 600, 70, 5, 8, False),  # rows longer than the transposed product takes
+])
+def test_squeeze_through_the_conv_computes_the_formula(n, ch_in, ch, hw, hidden, conv_bias, threads, monkeypatch):
+    # the kernel's detour against float64: h is NOT the input c came from, so the result shows which one the
+    # squeeze read: s comes from mean_hw bn(conv(h)), the scale applies to bn(c)
+    monkeypatch.setattr(native, "_through_conv", lambda conv, h, c: (h, conv.weight, conv.bias))
+    conv, bn, se = nn.Conv2d(ch_in, ch, 1, bias=conv_bias), random_bn(ch), random_se(ch, hidden=hidden, bias=True)
+    h, c, sc = torch.randn(n, ch_in, hw, hw), torch.randn(n, ch, hw, hw), torch.randn(n, ch, hw, hw)
+    with torch_threads(threads), torch.inference_mode():
+        got = native.se_unit_end(se, bn, c, sc, conv_in=(conv, h))
+        direct = native.se_unit_end(se, bn, c, sc)
+    with torch.no_grad():
+        conv_out = F.conv2d(h.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double())
+        z = formula(bn, None, conv_out).mean((2, 3))
         fc1, fc2 = se.fc1, se.fc2
-        h = F.relu(F.linear(z.double(), fc1.weight.double(), None if fc1.bias is None else fc1.bias.double()))
-        want = torch.sigmoid(F.linear(h, fc2.weight.double(), None if fc2.bias is None else fc2.bias.double()))
-        with torch.no_grad():
-            ops = se.excitation(z.view(n, ch, 1, 1)).view(n, ch)  # PyTorch's float32 ops
-        err, err_ops = (s.double() - want).abs().max(), (ops.double() - want).abs().max()
-        assert s.shape == (n, ch) and err <= 4 * err_ops + 1e-6, (err, err_ops)  # float32 rounding, as PyTorch's
+        s = torch.sigmoid(F.linear(F.relu(F.linear(z, fc1.weight.double(), fc1.bias.double())),
+                                   fc2.weight.double(), fc2.bias.double()))
+        want = F.relu(formula(bn, None, c) * s[:, :, None, None] + sc.double())
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(direct.double(), formula(bn, se, c, sc), atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(got, direct, atol=1e-3)  # the two squeezes differ: the test tells them apart

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fused import _first_order_only, squeeze_through_conv
+from .fused import _first_order_only, observed
 
 SOURCE = r"""
 #include <math.h>
@@ -296,13 +296,6 @@ static void excite(const float *z, float *h, float *s, const float *w1, const fl
     #pragma omp barrier
 }
 
-/* s = sigmoid(W2 relu(W1 z + b1) + b2) for a known z (B x C); h: B R floats of work */
-void senet_excite(const float *z, float *h, float *s, const float *w1, const float *b1, const float *w2,
-                  const float *b2, long B, long C, long R, int nt) {
-    #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * R > 32768)
-    excite(z, h, s, w1, b1, w2, b2, B, C, R);
-}
-
 /* y = relu(c k + m + sc) with k, m per plane (k[p % kc], m[p % kc]: per channel when kc = C) */
 static void affine_add_relu(const float *c, const float *sc, float *y, const float *k, const float *m,
                             long planes, long kc, long HW) {
@@ -363,19 +356,33 @@ void senet_bn_add_relu(const float *c, const float *sc, float *y, const float *r
 
 /* y = relu(bn(c) s + sc), s = sigmoid(W2 relu(W1 mean_hw bn(c) + b1) + b2); y may be c or sc.
    s_in: s (B C floats) when the caller computed it (then the weights are not read), else NULL.
-   tmp: 3 B C + B R + 2 C floats; on return its first B C floats are s. */
+   hin, w3, b3: c = conv(hin), a 1x1 conv (stride 1, one group) with weight w3 (C x Ch) and bias b3 (NULL:
+   none) on hin (B x Ch x HW); then mean_hw c = w3 mean_hw hin + b3, and the squeeze reads hin and w3 instead
+   of c (a quarter of c in a ResNet bottleneck). hin NULL: the squeeze reads c.
+   tmp: 3 B C + B R + 2 C + B Ch floats (Ch = 0 without hin); on return its first B C floats are s. */
 void senet_se_unit_end(const float *c, const float *sc, float *y, const float *rm, const float *rv,
                        const float *bw, const float *bb, float eps, const float *w1, const float *b1,
                        const float *w2, const float *b2, long B, long C, long R, long HW, const float *s_in,
-                       float *tmp, int nt) {
+                       const float *hin, const float *w3, const float *b3, long Ch, float *tmp, int nt) {
     float *s = tmp, *k = s + B * C, *m = k + B * C, *h = m + B * C, *alpha = h + B * R, *beta = alpha + C;
+    float *mh = beta + C;
     bn_affine(rm, rv, bw, bb, eps, C, alpha, beta);
     #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * HW > 32768)
     {
-        if (!s_in) {
+        if (!s_in && hin) {
+            long lo, hi;
+            squeeze(hin, mh, 0, 0, B, Ch, HW);  /* ends with a barrier: mh complete */
+            share(C, VW, &lo, &hi);  /* k = mean_hw c, this thread's channels */
+            if (Ch <= SHORT_K && B >= 2) rows_dot_short(w3, mh, k, lo, hi, Ch, B, C);
+            else rows_dot(w3, mh, k, lo, hi, Ch, B, C);
+            for (long n = 0; n < B; ++n)
+                for (long ch = lo; ch < hi; ++ch)
+                    k[n * C + ch] = alpha[ch] * (k[n * C + ch] + (b3 ? b3[ch] : 0.0f)) + beta[ch];
+            #pragma omp barrier
+        } else if (!s_in) {
             squeeze(c, k, alpha, beta, B, C, HW);  /* z into k: k is written only after the excitation */
-            excite(k, h, s, w1, b1, w2, b2, B, C, R);
         }
+        if (!s_in) excite(k, h, s, w1, b1, w2, b2, B, C, R);
         const float *sv = s_in ? s_in : s;
         #pragma omp for schedule(static)
         for (long p = 0; p < B * C; ++p) {
@@ -463,8 +470,7 @@ void senet_se_scale_backward(const float *g, const float *x, const float *z, con
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "senet_bn_add_relu": [_P] * 7 + [_F] + [_L] * 3 + [_P, _I],
-    "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P, _P, _I],
-    "senet_excite": [_P] * 7 + [_L] * 3 + [_I],
+    "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P] * 4 + [_L, _P, _I],
     "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _I],
     "senet_se_scale_backward": [_P] * 12 + [_L] * 4 + [_P, _I],
 }
@@ -631,11 +637,12 @@ try:  # torch >= 2.4 takes the device type; before, the CPU had a function of it
     _cpu_autocast = functools.partial(torch.is_autocast_enabled, "cpu")
 except TypeError:
     _cpu_autocast = torch.is_autocast_cpu_enabled
-# A unit end squeezes through the last 1x1 conv (``fused.squeeze_through_conv``: reads its input, a quarter of
-# the data in a bottleneck) only when its output has at least this many elements (8 MiB of float32): a smaller
-# one was just written by the conv and is still in cache, where reading it costs less than the detour's
-# small ops (se_resnet50, batch 2-16, per unit end: docs/performance.md item 11).
-SQUEEZE_THROUGH_CONV_MIN_NUMEL = 2**21
+# A unit end's squeeze reads the last 1x1 conv's input and weight instead of its output (``_through_conv``)
+# when that reads at least this many fewer elements and the product W mean_hw h takes at most 4 multiply-adds per
+# element saved (se_resnet50, one thread, per unit end: batch 1 stage 1 697 against 819 us, stage 2 even; batch
+# 16 stage 3 4.2 against 5.8 ms, stage 4, where the product is 16.8M multiply-adds for 0.2M elements saved,
+# 5.2 against 3.8 ms: declined; docs/performance.md item 13).
+SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**15
 
 
 def _fits(c: torch.Tensor) -> bool:
@@ -714,8 +721,8 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
                 inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor | None:
     """``relu(attn(bn(c)) + shortcut)`` for a plain SE block in one kernel call, or None where it does not
     apply. The caller has checked what ``bn_add_relu`` says, for ``attn`` too. ``inplace``: the result may go
-    into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``; from ``SQUEEZE_THROUGH_CONV_MIN_NUMEL`` elements the
-    squeeze may read ``h`` instead (``fused.squeeze_through_conv``), and ``excite`` turns it into s."""
+    into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``; the squeeze may then read ``h`` and the conv's weight
+    instead of ``c`` (``_through_conv``)."""
     call = _se_call(attn, c)
     if call is None or shortcut.shape != c.shape or not _fits(shortcut):
         return None
@@ -726,29 +733,31 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     n, ch, h, wd = c.shape
     r = w1.shape[0]
     y = c if inplace else torch.empty_like(c)
-    s = None
-    if conv_in is not None and c.numel() >= SQUEEZE_THROUGH_CONV_MIN_NUMEL:
-        z = squeeze_through_conv(*conv_in, bn, c)  # reads the conv's smaller input, or None
-        if z is not None:
-            s = excite(lib, nt, (w1, b1, w2, b2), z.reshape(n, ch))
-    tmp = c.new_empty(3 * n * ch + n * r + 2 * ch)
+    hin, w3, b3 = (None, None, None) if conv_in is None else _through_conv(*conv_in, c)
+    ch_in = 0 if w3 is None else w3.shape[1]
+    tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                          n, ch, r, h * wd, _ptr(s), tmp.data_ptr(), nt)
+                          n, ch, r, h * wd, None, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, tmp.data_ptr(), nt)
     return y
 
 
-def excite(lib: ctypes.CDLL, nt: int, weights: tuple, z: torch.Tensor) -> torch.Tensor:
-    """s = sigmoid(W2 relu(W1 z + b1) + b2), (B, C), by the kernel's products from a known squeeze ``z``
-    (B, C), for the plain SE block with ``weights`` (w1, b1, w2, b2)."""
-    w1, b1, w2, b2 = weights
-    n, ch = z.shape
-    z = z.contiguous()
-    s = z.new_empty(n, ch)
-    hid = z.new_empty(n, w1.shape[0])
-    lib.senet_excite(z.data_ptr(), hid.data_ptr(), s.data_ptr(), w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                     n, ch, w1.shape[0], nt)
-    return s
+def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor) -> tuple:
+    """(h, weight, bias) when the squeeze of ``c == conv(h)`` may read ``h`` and ``conv``'s weight instead of
+    ``c`` and that reads at least ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` fewer elements: a plain, unhooked 1x1
+    conv (stride 1, no padding, one group) in float32, for which ``mean_hw conv(h) = W mean_hw h + b``.
+    Else (None, None, None): the squeeze reads ``c``."""
+    if type(conv) is not nn.Conv2d:
+        return None, None, None
+    weight, bias = conv.weight, conv.bias
+    n, ch = c.shape[0], c.shape[1]
+    saving = c.numel() - h.numel() - weight.numel()
+    if (saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or weight.numel() * n > 4 * saving or weight.dim() != 4
+            or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid")
+            or conv.groups != 1 or not _fits(h) or h.shape != (n, weight.shape[1], *c.shape[2:]) or observed(conv)
+            or not _float_params((weight,), ch * weight.shape[1]) or not _float_params((bias,), ch)):
+        return None, None, None
+    return h, weight, bias
 
 
 def se_scale(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
