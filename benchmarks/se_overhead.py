@@ -264,11 +264,65 @@ def bench_resnet(args) -> dict:
                 res = results[prefix + key] = run_subjects(subjects, cfg, batch)
             if "resnet50_pytorch_ops" in subjects:
                 r = res["per_round_s"]
+                res["se_traffic_floor"] = cost_against_floor(se, batch, r["se_resnet50"], r["resnet50"])
                 res["vs_resnet50_pytorch_ops"] = {n: ratio(r[n], r["resnet50_pytorch_ops"])
                                                   for n in ("se_resnet50", "se_resnet50_pytorch_ops")}
                 print("  vs resnet50_pytorch_ops: " + ", ".join(
                     f"{n} {fmt(v)}" for n, v in res["vs_resnet50_pytorch_ops"].items()))
     return results
+
+
+def read_GBps(nbytes: int, reps: int = 30) -> float:
+    """How fast this core reads ``nbytes`` that it has just read (``sum``, median of ``reps``): the cache's
+    rate where they fit, memory's where they do not."""
+    x = torch.ones(max(1, nbytes // 4), device=DEVICE)
+    x.sum()
+    return x.numel() * 4 / float(np.median(timed(x.sum, reps))) / 1e9
+
+
+def se_traffic_floor(se: nn.Module, batch: int, memory_bytes: int = 2**28) -> dict:
+    """A lower bound on what SE adds to a 224x224 inference at ``batch``: the bytes only SE moves, each priced
+    at the fastest rate this machine reads them. The FCs' weights (read once a forward, and not still cached
+    from the last: the convolutions' ~100 MB of weights pass through the caches in between) at memory's rate;
+    per SE unit the squeeze's read of the smaller of its input ``c`` and the last 1x1 conv's input and weight
+    (``native._through_conv``) at the rate of a just-read tensor of that size. It leaves out everything not
+    traffic: the products, the checks and calls."""
+    units = []
+
+    def record(conv, inputs, out):
+        units.append((out.numel(), inputs[0].numel() + conv.weight.numel()))
+
+    probe = copy.deepcopy(se)
+    fc_bytes = 0
+    for m in probe.modules():
+        attn = getattr(m, "attn", None)
+        if attn is not None and hasattr(m, "conv3") and any(True for _ in attn.parameters()):
+            fc_bytes += sum(p.numel() * p.element_size() for p in attn.parameters())
+            m.conv3.register_forward_hook(record)
+    with torch.inference_mode():
+        probe(torch.zeros(batch, 3, 224, 224, device=DEVICE))
+    memory = read_GBps(memory_bytes)  # far larger than the caches
+    squeeze = [4 * min(c, through) for c, through in units]
+    rates = {n: read_GBps(n) for n in set(squeeze)}
+    weights_ms, squeeze_ms = 1e3 * fc_bytes / memory / 1e9, sum(1e3 * n / rates[n] / 1e9 for n in squeeze)
+    return {"units": len(units), "weight_bytes": fc_bytes, "memory_read_GBps": memory, "weights_ms": weights_ms,
+            "squeeze_bytes": sum(squeeze), "squeeze_read_GBps": {str(n): r for n, r in sorted(rates.items())},
+            "squeeze_ms": squeeze_ms, "floor_ms": weights_ms + squeeze_ms}
+
+
+def cost_against_floor(se: nn.Module, batch: int, with_se: list[float], without: list[float]) -> dict:
+    """``se_traffic_floor`` beside what SE costs (median paired per-round difference of the two networks)."""
+    floor = se_traffic_floor(se, batch)
+    floor["se_cost_ms"] = cost = paired_difference(with_se, without)
+    floor["floor_vs_resnet50"] = floor["floor_ms"] / median_ms(without)
+    floor["cost_vs_floor"] = cost["ms"] / floor["floor_ms"] if floor["floor_ms"] else None
+    if floor["floor_ms"]:
+        print(f"  SE's cost {cost['ms']:.2f} ms [{cost['ci_low']:.2f}, {cost['ci_high']:.2f}] against its traffic "
+              f"floor {floor['floor_ms']:.2f} ms (FC weights {floor['weights_ms']:.2f} at "
+              f"{floor['memory_read_GBps']:.1f} GB/s, squeeze {floor['squeeze_ms']:.2f}): "
+              f"{floor['cost_vs_floor']:.2f}x; the floor is "
+              f"{100 * floor['floor_vs_resnet50']:.2f}% of resnet50")
+    return floor
 
 
 def inductor_freezing(on: bool):

@@ -171,3 +171,20 @@ def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
     assert [c[6] for c in calls] == [sorted(plain + ["resnet50_pytorch_ops", "se_resnet50_pytorch_ops"])] + [plain] * 4
     assert saved["results"]["infer_b1"]["vs_resnet50_pytorch_ops"]["se_resnet50"]["ratio"] == 1.0
     assert inductor_config.freezing is False  # restored
+
+
+def test_traffic_floor_counts_the_bytes_only_se_moves():
+    # SE's FC weights, and per unit the smaller of c and (h, W3), against the shapes worked out by hand:
+    # stage k of a 224x224 bottleneck ResNet has c = B x C x H x H with C = 256 * 2^(k-1), H = 56 / 2^(k-1),
+    # h = B x C/4 x H x H, W3 = C x C/4
+    se = ResNet("bottleneck", [1, 1, 1, 1], attn="se", num_classes=5).eval()
+    for batch in (1, 2):
+        got = se_overhead.se_traffic_floor(se, batch, memory_bytes=2**22)
+        want = 0
+        for k in range(4):
+            ch, hw = 256 * 2**k, 56 // 2**k
+            want += 4 * min(batch * ch * hw * hw, batch * ch // 4 * hw * hw + ch * ch // 4)
+        fc = sum(4 * p.numel() for name, p in se.named_parameters() if ".attn." in name)
+        assert got["units"] == 4 and got["squeeze_bytes"] == want and got["weight_bytes"] == fc
+        assert got["floor_ms"] == pytest.approx(got["weights_ms"] + got["squeeze_ms"]) and got["weights_ms"] > 0
+        assert got["weights_ms"] == pytest.approx(1e3 * fc / got["memory_read_GBps"] / 1e9)
