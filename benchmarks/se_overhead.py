@@ -257,14 +257,17 @@ def bench_resnet(args) -> dict:
             if mode != "eager":
                 print(f"{mode}:")
             subjects = models
-            if mode == "eager" and not cfg.train:
+            if args.pair:
+                subjects = {"se_resnet50": se, "resnet50": r50}
+            elif mode == "eager" and not cfg.train:
                 subjects = {"se_resnet50": se, **ops, "se_resnet50_unfused": models["se_resnet50_unfused"],
                             "resnet50": r50}
             with inductor_freezing(mode == "compile_frozen"):
                 res = results[prefix + key] = run_subjects(subjects, cfg, batch)
-            if "resnet50_pytorch_ops" in subjects:
-                r = res["per_round_s"]
+            r = res["per_round_s"]
+            if mode == "eager" and not cfg.train:
                 res["se_traffic_floor"] = cost_against_floor(se, batch, r["se_resnet50"], r["resnet50"])
+            if "resnet50_pytorch_ops" in subjects:
                 res["vs_resnet50_pytorch_ops"] = {n: ratio(r[n], r["resnet50_pytorch_ops"])
                                                   for n in ("se_resnet50", "se_resnet50_pytorch_ops")}
                 print("  vs resnet50_pytorch_ops: " + ", ".join(
@@ -569,6 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--infer-batch", type=int, nargs="*", default=[1, 16], help="none: skip inference")
     p.add_argument("--train-batch", type=int, nargs="*", default=[16], help="none: skip training")
     p.add_argument("--tag", default="", help="suffix of the results file name")
+    p.add_argument("--pair", action="store_true",
+                   help="resnet: se_resnet50 and resnet50 only (more rounds in the same time)")
     p.add_argument("--modes", nargs="+", choices=["eager", "channels_last", "compile", "compile_frozen"],
                    help="timm (default: eager channels_last compile) and resnet (default: eager); compile_frozen: "
                         "torch.compile with inductor's freezing, inference only")

@@ -171,6 +171,9 @@ def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
     assert [c[6] for c in calls] == [sorted(plain + ["resnet50_pytorch_ops", "se_resnet50_pytorch_ops"])] + [plain] * 4
     assert saved["results"]["infer_b1"]["vs_resnet50_pytorch_ops"]["se_resnet50"]["ratio"] == 1.0
     assert inductor_config.freezing is False  # restored
+    calls.clear()
+    se_overhead.main(["resnet", "--pair", "--infer-batch", "1", "--train-batch", "2", "--tag", "_pair"])
+    assert [c[6] for c in calls] == [["resnet50", "se_resnet50"]] * 2  # --pair: the two networks alone
 
 
 def test_traffic_floor_counts_the_bytes_only_se_moves():
