@@ -461,6 +461,13 @@ def _bn_on_pooled(bn: nn.BatchNorm2d, pooled: torch.Tensor) -> torch.Tensor:
 SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**18
 
 
+def plain_pointwise_conv(conv: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` 1x1, stride 1, no padding, one group, nobody hooking it (a hook may change its
+    output): then ``mean_hw conv(h) = W mean_hw h + b``, the squeeze may read ``h`` instead of its output."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.groups == 1 and not observed(conv))
+
+
 def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """mean_hw x for ``x = bn(conv(h))``, computed from ``h`` in inference, or None where that does not pay.
 
@@ -473,12 +480,11 @@ def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: tor
     if saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or type(conv) is not nn.Conv2d or h.dim() != 4:
         return None
     weight = conv.weight
-    if not (saving - weight.numel() >= SQUEEZE_THROUGH_CONV_MIN_SAVING and conv.kernel_size == (1, 1)
-            and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid") and conv.groups == 1):
+    if saving - weight.numel() < SQUEEZE_THROUGH_CONV_MIN_SAVING or not plain_pointwise_conv(conv):
         return None
     if not (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None):
         return None
-    if observed(conv, bn):  # a hook may have changed either's output: x need not be bn(conv(h))
+    if observed(bn):  # a hook may have changed its output: x need not be bn(conv(h))
         return None
     mean_c = F.linear(h.mean((2, 3)), weight.flatten(1), conv.bias)  # mean_hw conv(h), (B, C)
     return _bn_on_pooled(bn, mean_c.view(*mean_c.shape, 1, 1))

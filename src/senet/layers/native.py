@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fused import _first_order_only, observed
+from .fused import _first_order_only, plain_pointwise_conv
 
 SOURCE = r"""
 #include <math.h>
@@ -355,21 +355,20 @@ void senet_bn_add_relu(const float *c, const float *sc, float *y, const float *r
 }
 
 /* y = relu(bn(c) s + sc), s = sigmoid(W2 relu(W1 mean_hw bn(c) + b1) + b2); y may be c or sc.
-   s_in: s (B C floats) when the caller computed it (then the weights are not read), else NULL.
    hin, w3, b3: c = conv(hin), a 1x1 conv (stride 1, one group) with weight w3 (C x Ch) and bias b3 (NULL:
    none) on hin (B x Ch x HW); then mean_hw c = w3 mean_hw hin + b3, and the squeeze reads hin and w3 instead
    of c (a quarter of c in a ResNet bottleneck). hin NULL: the squeeze reads c.
    tmp: 3 B C + B R + 2 C + B Ch floats (Ch = 0 without hin); on return its first B C floats are s. */
 void senet_se_unit_end(const float *c, const float *sc, float *y, const float *rm, const float *rv,
                        const float *bw, const float *bb, float eps, const float *w1, const float *b1,
-                       const float *w2, const float *b2, long B, long C, long R, long HW, const float *s_in,
-                       const float *hin, const float *w3, const float *b3, long Ch, float *tmp, int nt) {
+                       const float *w2, const float *b2, long B, long C, long R, long HW, const float *hin,
+                       const float *w3, const float *b3, long Ch, float *tmp, int nt) {
     float *s = tmp, *k = s + B * C, *m = k + B * C, *h = m + B * C, *alpha = h + B * R, *beta = alpha + C;
     float *mh = beta + C;
     bn_affine(rm, rv, bw, bb, eps, C, alpha, beta);
     #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * HW > 32768)
     {
-        if (!s_in && hin) {
+        if (hin) {
             long lo, hi;
             squeeze(hin, mh, 0, 0, B, Ch, HW);  /* ends with a barrier: mh complete */
             share(C, VW, &lo, &hi);  /* k = mean_hw c, this thread's channels */
@@ -379,15 +378,14 @@ void senet_se_unit_end(const float *c, const float *sc, float *y, const float *r
                 for (long ch = lo; ch < hi; ++ch)
                     k[n * C + ch] = alpha[ch] * (k[n * C + ch] + (b3 ? b3[ch] : 0.0f)) + beta[ch];
             #pragma omp barrier
-        } else if (!s_in) {
+        } else {
             squeeze(c, k, alpha, beta, B, C, HW);  /* z into k: k is written only after the excitation */
         }
-        if (!s_in) excite(k, h, s, w1, b1, w2, b2, B, C, R);
-        const float *sv = s_in ? s_in : s;
+        excite(k, h, s, w1, b1, w2, b2, B, C, R);
         #pragma omp for schedule(static)
         for (long p = 0; p < B * C; ++p) {
-            k[p] = alpha[p % C] * sv[p];
-            m[p] = beta[p % C] * sv[p];
+            k[p] = alpha[p % C] * s[p];
+            m[p] = beta[p % C] * s[p];
         }
         affine_add_relu(c, sc, y, k, m, B * C, B * C, HW);
     }
@@ -470,7 +468,7 @@ void senet_se_scale_backward(const float *g, const float *x, const float *z, con
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "senet_bn_add_relu": [_P] * 7 + [_F] + [_L] * 3 + [_P, _I],
-    "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P] * 4 + [_L, _P, _I],
+    "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P] * 3 + [_L, _P, _I],
     "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _I],
     "senet_se_scale_backward": [_P] * 12 + [_L] * 4 + [_P, _I],
 }
@@ -738,7 +736,7 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                          n, ch, r, h * wd, None, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, tmp.data_ptr(), nt)
+                          n, ch, r, h * wd, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, tmp.data_ptr(), nt)
     return y
 
 
@@ -753,8 +751,7 @@ def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor) -> tuple:
     n, ch = c.shape[0], c.shape[1]
     saving = c.numel() - h.numel() - weight.numel()
     if (saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or weight.numel() * n > 4 * saving or weight.dim() != 4
-            or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid")
-            or conv.groups != 1 or not _fits(h) or h.shape != (n, weight.shape[1], *c.shape[2:]) or observed(conv)
+            or not plain_pointwise_conv(conv) or not _fits(h) or h.shape != (n, weight.shape[1], *c.shape[2:])
             or not _float_params((weight,), ch * weight.shape[1]) or not _float_params((bias,), ch)):
         return None, None, None
     return h, weight, bias
