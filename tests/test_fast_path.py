@@ -277,6 +277,28 @@ def test_compiled_inference_squeezes_before_bn(block, attn, hook_bn, monkeypatch
     assert [t is not None for t in traced] == [not hook_bn]  # traced once; declined where BN is hooked
 
 
+@pytest.mark.parametrize("through_conv", [False, True], ids=["squeeze_c", "squeeze_through_conv3"])
+def test_compiled_inference_squeezes_through_conv3(through_conv, monkeypatch):
+    # compiled inference squeezes conv3's input h (mean_hw c = W3 mean_hw h + b3) where that reads fewer
+    # elements: the same values as the reference; the small net's tensors are below the threshold, so it is
+    # forced (or forbidden) here, and each unit end is traced once
+    monkeypatch.setattr(fused, "COMPILED_SQUEEZE_THROUGH_CONV_MIN_SAVING", -10**9 if through_conv else 10**18)
+    taken = []
+    real = fused.squeeze_through_conv
+    monkeypatch.setattr(fused, "squeeze_through_conv", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+    net = _net("bottleneck", torch.float64, False).eval()
+    for m in net.modules():  # a bias on conv3 too: the formula's b3
+        if hasattr(m, "conv3"):
+            m.conv3.bias = nn.Parameter(torch.randn(m.conv3.out_channels, dtype=torch.float64))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        with reference_path():
+            want = net(x)
+        got = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert len(taken) == 4 and all((z is not None) == through_conv for z in taken)
+
+
 # --- the SE block alone: x * s(mean x) with the squeeze's gradient folded into the scale's -----------
 
 
@@ -490,6 +512,10 @@ def test_squeeze_through_conv_by_hand(monkeypatch):
     assert squeeze_through_conv(conv, h, bn.train(), x) is None
     monkeypatch.setattr(fused, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 2**18)  # the default: these are tiny
     assert squeeze_through_conv(conv, h, bn.eval(), x) is None
+    # a minimum given (torch.compile's): taken at exactly that many elements fewer read, not one more
+    saving = x.numel() - h.numel() - conv.weight.numel()
+    assert squeeze_through_conv(conv, h, bn, x, min_saving=saving) is not None
+    assert squeeze_through_conv(conv, h, bn, x, min_saving=saving + 1) is None
 
 
 @pytest.mark.parametrize("hooked", ["conv3", "bn3"])

@@ -435,7 +435,8 @@ def compiled_inference() -> bool:
 
 
 def compiled_squeeze_before_bn(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
-                               act: nn.Module) -> torch.Tensor | None:
+                               act: nn.Module, conv_in: tuple[nn.Module, torch.Tensor] | None = None
+                               ) -> torch.Tensor | None:
     """``act(attn(bn(c)) + shortcut)`` for a compiler, or None where it does not apply.
 
     With running statistics BN is affine per channel, so ``mean_hw bn(c) = bn(mean_hw c)``: the squeeze
@@ -443,11 +444,18 @@ def compiled_squeeze_before_bn(attn: nn.Module, bn: nn.Module, c: torch.Tensor, 
     the addition and the ReLU. Written as ``x = bn(c)``, then ``mean_hw x`` and ``x * s``, it writes ``x``
     and reads it twice (se_resnet50, batch 1, compiled: 0.968 [0.948, 0.993] of that time; with
     inductor's freezing, which folds BN into the conv anyway, no change; docs/performance.md).
+    ``conv_in=(conv, h)``: ``c == conv(h)``; the squeeze then reads ``h`` and the conv's weight instead of
+    ``c`` wherever that is ``COMPILED_SQUEEZE_THROUGH_CONV_MIN_SAVING`` elements fewer (``squeeze_through_conv``).
     """
     if not (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None and c.dim() == 4
             and getattr(attn, "pool", "avg") == "avg" and not observed(bn)):
         return None
-    return act(bn(c) * attn.gate(attn.pooled_logits(_bn_on_pooled(bn, c.mean((2, 3), keepdim=True)))) + shortcut)
+    z = None
+    if conv_in is not None:
+        z = squeeze_through_conv(*conv_in, bn, c, min_saving=COMPILED_SQUEEZE_THROUGH_CONV_MIN_SAVING)
+    if z is None:
+        z = _bn_on_pooled(bn, c.mean((2, 3), keepdim=True))
+    return act(bn(c) * attn.gate(attn.pooled_logits(z)) + shortcut)
 
 
 def _bn_on_pooled(bn: nn.BatchNorm2d, pooled: torch.Tensor) -> torch.Tensor:
@@ -459,6 +467,11 @@ def _bn_on_pooled(bn: nn.BatchNorm2d, pooled: torch.Tensor) -> torch.Tensor:
 # The squeeze goes through the last 1x1 conv when that reads at least this many fewer elements (1 MiB
 # of float32); below it the few extra tiny ops cost about what the smaller read saves.
 SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**18
+# The same under torch.compile, where the extra ops cost no calls of their own (inductor fuses the mean and
+# runs the product as one GEMM): se_resnet50 compiled, one thread, against squeezing c (scratch A/B, medians
+# of per-round ratios): batch 8 0.963 [0.943, 0.983] (12 rounds, 2^18) and 0.991 [0.956, 0.996] (30 rounds,
+# 2^15); batch 1 0.999 [0.980, 1.004] (60 rounds, 2^15); docs/performance.md.
+COMPILED_SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**15
 
 
 def plain_pointwise_conv(conv: nn.Module) -> bool:
@@ -468,19 +481,23 @@ def plain_pointwise_conv(conv: nn.Module) -> bool:
             and conv.padding in ((0, 0), "valid") and conv.groups == 1 and not observed(conv))
 
 
-def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def squeeze_through_conv(conv: nn.Module, h: torch.Tensor, bn: nn.Module, x: torch.Tensor,
+                         min_saving: int | None = None) -> torch.Tensor | None:
     """mean_hw x for ``x = bn(conv(h))``, computed from ``h`` in inference, or None where that does not pay.
 
     For a 1x1 conv (stride 1, no padding, one group) and BN with running statistics (eval mode), neither hooked,
     ``mean_hw bn(conv(h)) = A (W mean_hw h + b) + B``: it reads ``h`` (ResNet bottleneck: C/4 channels,
     ResNeXt 32x4d: C/2) and ``W`` instead of ``x`` - used when that is at least
-    ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` elements fewer. Exact up to float rounding. Returns (B, C, 1, 1).
+    ``min_saving`` (default ``SQUEEZE_THROUGH_CONV_MIN_SAVING``) elements fewer. Exact up to float rounding.
+    Returns (B, C, 1, 1).
     """
+    if min_saving is None:
+        min_saving = SQUEEZE_THROUGH_CONV_MIN_SAVING
     saving = x.numel() - h.numel()  # first: where it declines (most units at batch 1) it costs ~nothing
-    if saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or type(conv) is not nn.Conv2d or h.dim() != 4:
+    if saving < min_saving or type(conv) is not nn.Conv2d or h.dim() != 4:
         return None
     weight = conv.weight
-    if saving - weight.numel() < SQUEEZE_THROUGH_CONV_MIN_SAVING or not plain_pointwise_conv(conv):
+    if saving - weight.numel() < min_saving or not plain_pointwise_conv(conv):
         return None
     if not (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None):
         return None

@@ -126,7 +126,7 @@ class AttnUnit(NoScript, nn.Module):
             return infer_scale_add_relu(self.attn, out, shortcut, z=z, inplace=fresh)
         if fused:
             if compiled_inference():  # here, not first: no check on eager's path; the compiler drops the unused out
-                y = compiled_squeeze_before_bn(self.attn, bn, c, shortcut, self.act)
+                y = compiled_squeeze_before_bn(self.attn, bn, c, shortcut, self.act, conv_in)
                 if y is not None:  # placement "standard": nothing after the ReLU
                     return y
             # an identity shortcut is this unit's input, kept by conv1 anyway; a computed one is not
