@@ -123,10 +123,10 @@ class FusedSqueeze(nn.Module):
         super().__init__()
         self.model, self.dll = model, dll
 
-    def _merge(self, unit, c, bn, shortcut, conv_in=None):
+    def _merge(self, unit, c, bn, shortcut, conv_in=None, h_mean=None):
         if (isinstance(unit.attn, nn.Identity) or torch.is_grad_enabled() or bn.training
                 or c.dtype != torch.float32 or not c.is_contiguous()):
-            return self.original(unit, c, bn, shortcut, conv_in)
+            return self.original(unit, c, bn, shortcut, conv_in, h_mean)
         x, z = bn_squeeze(self.dll, bn, c)
         s = unit.attn.infer_excitation(x, z)
         return torch.addcmul(shortcut, x, s, out=x).relu_()

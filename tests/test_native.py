@@ -402,8 +402,8 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
     taken = []
     real = native._through_conv
 
-    def spy(conv, h, c):
-        out = real(conv, h, c)
+    def spy(conv, h, c, h_mean=None):
+        out = real(conv, h, c, h_mean)
         taken.append(out[0] is h)
         return out
 
@@ -412,16 +412,19 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
         got = model(x)
         with reference_path():
             ref = model(x)
-    # c, h, W per stage: 8x256x16x16, 8x64x16x16, 256x64 (saving 376832 elements, 131072 MACs): through;
-    # 8x512x8x8, 8x128x8x8, 512x128 (131072, 524288 MACs): through; stage 3: W (262144) outweighs the saving;
-    # stage 4 likewise
+    # c, W per stage (h is not read: its mean comes from bn_relu): 8x256x16x16, 256x64 (saving 507904 elements,
+    # 131072 MACs): through; 8x512x8x8, 512x128 (196608, 524288 MACs): through; stage 3: W (262144) outweighs c
+    # (131072); stage 4 likewise
     assert taken == [True, True, False, False]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     taken.clear()
-    monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 131073)  # stage 2 saves one element too few
+    monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 196609)  # stage 2 saves one element too few
     with torch.inference_mode():
         torch.testing.assert_close(model(x), got, atol=1e-5, rtol=1e-5)
     assert taken == [True, False, False, False]
+    taken.clear()
+    # without the mean (h must be read too): stage 2 saves 131072 elements, under 196609
+    assert native._through_conv(model.layer2[0].conv3, torch.empty(8, 128, 8, 8), torch.empty(8, 512, 8, 8))[0] is None
     taken.clear()
     model.layer1[0].conv3.register_forward_hook(lambda *a: None)  # a hook may change c: no detour
     with torch.inference_mode():
@@ -446,7 +449,7 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
 def test_squeeze_through_the_conv_computes_the_formula(n, ch_in, ch, hw, hidden, conv_bias, threads, monkeypatch):
     # the kernel's detour against float64: h is NOT the input c came from, so the result shows which one the
     # squeeze read: s comes from mean_hw bn(conv(h)), the scale applies to bn(c)
-    monkeypatch.setattr(native, "_through_conv", lambda conv, h, c: (h, conv.weight, conv.bias))
+    monkeypatch.setattr(native, "_through_conv", lambda conv, h, c, h_mean=None: (h, conv.weight, conv.bias))
     conv, bn, se = nn.Conv2d(ch_in, ch, 1, bias=conv_bias), random_bn(ch), random_se(ch, hidden=hidden, bias=True)
     h, c, sc = torch.randn(n, ch_in, hw, hw), torch.randn(n, ch, hw, hw), torch.randn(n, ch, hw, hw)
     with torch_threads(threads), torch.inference_mode():
@@ -462,3 +465,78 @@ def test_squeeze_through_the_conv_computes_the_formula(n, ch_in, ch, hw, hidden,
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(direct.double(), formula(bn, se, c, sc), atol=2e-5, rtol=2e-5)
     assert not torch.allclose(got, direct, atol=1e-3)  # the two squeezes differ: the test tells them apart
+    # given mean_hw h (from the pass that wrote h), the kernel reads it and not h: h zeroed, same result
+    with torch_threads(threads), torch.inference_mode():
+        from_mean = native.se_unit_end(se, bn, c, sc, conv_in=(conv, torch.zeros_like(h)), h_mean=h.mean((2, 3)))
+    torch.testing.assert_close(from_mean.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,ch,hw", [(1, 64, 56), (3, 37, 9), (16, 128, 7), (2, 600, 1)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bn_relu_computes_the_formula(n, ch, hw, inplace, threads):
+    # relu(bn(c)) with eval-mode BN, and mean_hw of it per (b, c), against float64
+    bn = random_bn(ch)
+    c = torch.randn(n, ch, hw, hw)
+    c_before = c.clone()
+    with torch_threads(threads), torch.inference_mode():
+        y, mean = native.bn_relu(bn, c, inplace=inplace, mean=True)
+        y_only, no_mean = native.bn_relu(bn, c_before.clone())
+    want = F.relu(formula(bn, None, c_before))
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean.double(), want.mean((2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_only, y, atol=0, rtol=0)
+    assert no_mean is None and mean.shape == (n, ch)
+    assert (y is c) is inplace and (inplace or torch.equal(c, c_before))
+
+
+@needs_kernels
+def test_bn_relu_steps_aside_where_it_does_not_apply():
+    bn, c = random_bn(32), torch.randn(2, 32, 6, 6)
+    with torch.inference_mode():
+        assert native.bn_relu(bn, c) is not None
+        declined = {
+            "float64": native.bn_relu(bn.double(), c.double()),
+            "channels_last": native.bn_relu(bn.float(), c.to(memory_format=torch.channels_last)),
+            "BN of other width": native.bn_relu(random_bn(16), c),
+            "BatchNorm subclass": native.bn_relu(type("MyBN", (nn.BatchNorm2d,), {})(32).eval(), c),
+            "BN without statistics": native.bn_relu(nn.BatchNorm2d(32, track_running_stats=False).eval(), c),
+            "train-mode BN": native.bn_relu(nn.BatchNorm2d(32).train(), c),
+        }
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            declined["autocast"] = native.bn_relu(bn, c)
+        with native.off():
+            declined["off()"] = native.bn_relu(bn, c)
+    assert {k: v for k, v in declined.items() if v is not None} == {}
+
+
+@needs_kernels
+@pytest.mark.parametrize("hooked", [None, "bn2", "act", "conv2"])
+def test_units_fuse_bn_and_relu_where_nobody_watches(hooked, monkeypatch):
+    # eager inference: BN + ReLU after the first two convs in one pass (the 3x3's with the mean for the SE
+    # end); a hook on BN or the ReLU keeps the modules' calls; a hook on the conv keeps its output intact
+    model = se_resnet()
+    calls = []
+    real = native.bn_relu
+    monkeypatch.setattr(native, "bn_relu", lambda *a: calls.append(a[3]) or real(*a))
+    unit = model.layer1[0]
+    seen = []
+    if hooked == "conv2":
+        unit.conv2.register_forward_hook(lambda m, i, o: seen.append((o, o.clone())))
+    elif hooked is not None:
+        getattr(unit, hooked).register_forward_hook(lambda m, i, o: seen.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        got = model(x)
+        with reference_path():
+            ref = model(x)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the mean flag of each call: the stem's, then (bn1, bn2) per unit; layer1's hooked BN or ReLU leaves its
+    # calls to the modules
+    want = {None: [False, True] * 4, "conv2": [False, True] * 4, "bn2": [False] + [False, True] * 3,
+            "act": [False, True] * 3}[hooked]
+    assert calls == [False, *want]
+    if hooked == "conv2":  # fused into a fresh tensor: the hook's output is left as it was
+        out, copy = seen[0]
+        assert torch.equal(out, copy)

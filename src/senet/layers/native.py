@@ -9,7 +9,10 @@ the activation. Eval-mode BN is affine per channel (``bn(c) = α c + β``), so t
 
 one read of ``c`` for the squeeze and one pass that reads ``c`` and ``shortcut`` and writes ``y``. The
 plain unit's end ``relu(bn(c) + shortcut)`` is the same pass without the scale (torchvision: three passes,
-``bn``, ``+= identity``, ``relu``). Both are C functions here (``SOURCE``), built with the machine's C
+``bn``, ``+= identity``, ``relu``). Inside the unit, ``relu(bn(c))`` after the first two convs is one pass too
+(``bn_relu``; PyTorch: two), which before the last 1x1 conv also gives ``mean_hw`` of its output, so that the
+SE end's squeeze reads only that conv's weight (``mean_hw conv(h) = W mean_hw h + b``). All are C functions
+here (``SOURCE``), built with the machine's C
 compiler on first use, cached under ``~/.cache/senet/native`` (or ``$SENET_CACHE_DIR``) and called through
 ctypes. Where torch runs on GNU OpenMP (Linux wheels) the kernels are built with OpenMP and share torch's
 runtime and thread count; elsewhere they are single-threaded and used only while torch runs one thread.
@@ -354,26 +357,51 @@ void senet_bn_add_relu(const float *c, const float *sc, float *y, const float *r
     affine_add_relu(c, sc, y, alpha, beta, B * C, C, HW);
 }
 
+/* y = relu(bn(c)) over B C planes of HW floats; y may be c. hmean (NULL: not wanted): mean_hw y per plane, from
+   the same pass (an SE unit end's squeeze through the next 1x1 conv reads these instead of y). tmp: 2 C floats. */
+void senet_bn_relu(const float *c, float *y, const float *rm, const float *rv, const float *w, const float *b,
+                   float eps, long B, long C, long HW, float *hmean, float *tmp, int nt) {
+    float *alpha = tmp, *beta = tmp + C;
+    float inv_hw = 1.0f / (float)HW;
+    bn_affine(rm, rv, w, b, eps, C, alpha, beta);
+    #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && B * C * HW > 32768)
+    for (long p = 0; p < B * C; ++p) {
+        float a = alpha[p % C], d = beta[p % C], s = 0.0f;
+        const float *cp = c + p * HW;
+        float *yp = y + p * HW;
+        #pragma omp simd reduction(+:s)
+        for (long i = 0; i < HW; ++i) {
+            float v = cp[i] * a + d;
+            v = v > 0.0f ? v : 0.0f;
+            yp[i] = v;
+            s += v;
+        }
+        if (hmean) hmean[p] = s * inv_hw;
+    }
+}
+
 /* y = relu(bn(c) s + sc), s = sigmoid(W2 relu(W1 mean_hw bn(c) + b1) + b2); y may be c or sc.
    hin, w3, b3: c = conv(hin), a 1x1 conv (stride 1, one group) with weight w3 (C x Ch) and bias b3 (NULL:
    none) on hin (B x Ch x HW); then mean_hw c = w3 mean_hw hin + b3, and the squeeze reads hin and w3 instead
-   of c (a quarter of c in a ResNet bottleneck). hin NULL: the squeeze reads c.
+   of c (a quarter of c in a ResNet bottleneck); hmean (NULL: not known): mean_hw hin (B x Ch), when the pass
+   that wrote hin computed it (senet_bn_relu): then only w3 is read. hin and hmean NULL: the squeeze reads c.
    tmp: 3 B C + B R + 2 C + B Ch floats (Ch = 0 without hin); on return its first B C floats are s. */
 void senet_se_unit_end(const float *c, const float *sc, float *y, const float *rm, const float *rv,
                        const float *bw, const float *bb, float eps, const float *w1, const float *b1,
                        const float *w2, const float *b2, long B, long C, long R, long HW, const float *hin,
-                       const float *w3, const float *b3, long Ch, float *tmp, int nt) {
+                       const float *w3, const float *b3, long Ch, const float *hmean, float *tmp, int nt) {
     float *s = tmp, *k = s + B * C, *m = k + B * C, *h = m + B * C, *alpha = h + B * R, *beta = alpha + C;
     float *mh = beta + C;
+    const float *mhin = hmean ? hmean : mh;  /* mean_hw hin */
     bn_affine(rm, rv, bw, bb, eps, C, alpha, beta);
     #pragma omp parallel num_threads(nt) if(nt > 1 && B * C * HW > 32768)
     {
-        if (hin) {
+        if (hin || hmean) {
             long lo, hi;
-            squeeze(hin, mh, 0, 0, B, Ch, HW);  /* ends with a barrier: mh complete */
+            if (!hmean) squeeze(hin, mh, 0, 0, B, Ch, HW);  /* ends with a barrier: mh complete */
             share(C, VW, &lo, &hi);  /* k = mean_hw c, this thread's channels */
-            if (Ch <= SHORT_K && B >= 2) rows_dot_short(w3, mh, k, lo, hi, Ch, B, C);
-            else rows_dot(w3, mh, k, lo, hi, Ch, B, C);
+            if (Ch <= SHORT_K && B >= 2) rows_dot_short(w3, mhin, k, lo, hi, Ch, B, C);
+            else rows_dot(w3, mhin, k, lo, hi, Ch, B, C);
             for (long n = 0; n < B; ++n)
                 for (long ch = lo; ch < hi; ++ch)
                     k[n * C + ch] = alpha[ch] * (k[n * C + ch] + (b3 ? b3[ch] : 0.0f)) + beta[ch];
@@ -468,7 +496,8 @@ void senet_se_scale_backward(const float *g, const float *x, const float *z, con
 _P, _L, _F, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "senet_bn_add_relu": [_P] * 7 + [_F] + [_L] * 3 + [_P, _I],
-    "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P] * 3 + [_L, _P, _I],
+    "senet_se_unit_end": [_P] * 7 + [_F] + [_P] * 4 + [_L] * 4 + [_P] * 3 + [_L, _P, _P, _I],
+    "senet_bn_relu": [_P] * 6 + [_F] + [_L] * 3 + [_P, _P, _I],
     "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _I],
     "senet_se_scale_backward": [_P] * 12 + [_L] * 4 + [_P, _I],
 }
@@ -639,7 +668,9 @@ except TypeError:
 # when that reads at least this many fewer elements and the product W mean_hw h takes at most 4 multiply-adds per
 # element saved (se_resnet50, one thread, per unit end: batch 1 stage 1 697 against 819 us, stage 2 even; batch
 # 16 stage 3 4.2 against 5.8 ms, stage 4, where the product is 16.8M multiply-adds for 0.2M elements saved,
-# 5.2 against 3.8 ms: declined; docs/performance.md item 13).
+# 5.2 against 3.8 ms: declined; docs/performance.md item 13). With mean_hw h from the pass that wrote h
+# (``bn_relu``) the squeeze reads the weight alone: batch 1, in place, stage 1 12 against 39 us (reading h), stage
+# 2 25 against 40; stage 3, where W (262144) outweighs c (200704), 74 against 34 reading c: declined (item 14).
 SQUEEZE_THROUGH_CONV_MIN_SAVING = 2**15
 
 
@@ -687,6 +718,28 @@ def bn_add_relu(bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor, inplace:
     return y
 
 
+def bn_relu(bn: nn.Module, c: torch.Tensor, inplace: bool = False,
+            mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(relu(bn(c)), mean_hw of it or None)`` in one pass, or None where it does not apply. ``mean``: also the
+    per-(b, c) means (B, C), from the same pass (``se_unit_end``'s ``h_mean``). ``inplace``: the result may go
+    into ``c``. The caller has checked: eager inference, fast path enabled, a ReLU after ``bn``, nobody
+    watching either."""
+    lib = _state["lib"] if _state["tried"] else library()
+    if lib is None or _off or not _fits(c):
+        return None
+    nt = _threads()
+    if nt is None or (bnt := _bn_tensors(bn, c.shape[1])) is None:
+        return None
+    w, b, rm, rv = bnt
+    n, ch, h, wd = c.shape
+    y = c if inplace else torch.empty_like(c)
+    tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
+    hm = tmp[2 * ch:].view(n, ch) if mean else None
+    lib.senet_bn_relu(c.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(w), _ptr(b), bn.eps,
+                      n, ch, h * wd, _ptr(hm), tmp.data_ptr(), nt)
+    return y, hm
+
+
 def _se_weights(attn: nn.Module, channels: int) -> tuple | None:
     """(w1, b1, w2, b2) of a plain SE block over ``channels`` (``SqueezeExcite._lean_weights``) in the
     layout the kernels read (float32, contiguous, W1 r x C, W2 C x r); None for anything else."""
@@ -716,11 +769,13 @@ def _se_call(attn: nn.Module, x: torch.Tensor) -> tuple | None:
 
 
 def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
-                inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor | None:
+                inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None,
+                h_mean: torch.Tensor | None = None) -> torch.Tensor | None:
     """``relu(attn(bn(c)) + shortcut)`` for a plain SE block in one kernel call, or None where it does not
     apply. The caller has checked what ``bn_add_relu`` says, for ``attn`` too. ``inplace``: the result may go
     into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``; the squeeze may then read ``h`` and the conv's weight
-    instead of ``c`` (``_through_conv``)."""
+    instead of ``c`` (``_through_conv``), or only the weight with ``h_mean``, ``mean_hw h`` (B, Ch) from the
+    pass that wrote ``h`` (``bn_relu``)."""
     call = _se_call(attn, c)
     if call is None or shortcut.shape != c.shape or not _fits(shortcut):
         return None
@@ -731,25 +786,28 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     n, ch, h, wd = c.shape
     r = w1.shape[0]
     y = c if inplace else torch.empty_like(c)
-    hin, w3, b3 = (None, None, None) if conv_in is None else _through_conv(*conv_in, c)
+    hin, w3, b3 = (None, None, None) if conv_in is None else _through_conv(*conv_in, c, h_mean)
     ch_in = 0 if w3 is None else w3.shape[1]
+    if w3 is None or h_mean is None or h_mean.shape != (n, ch_in) or not _float_params((h_mean,), n * ch_in):
+        h_mean = None
     tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                          n, ch, r, h * wd, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, tmp.data_ptr(), nt)
+                          n, ch, r, h * wd, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, _ptr(h_mean), tmp.data_ptr(), nt)
     return y
 
 
-def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor) -> tuple:
+def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor, h_mean: torch.Tensor | None = None) -> tuple:
     """(h, weight, bias) when the squeeze of ``c == conv(h)`` may read ``h`` and ``conv``'s weight instead of
     ``c`` and that reads at least ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` fewer elements: a plain, unhooked 1x1
     conv (stride 1, no padding, one group) in float32, for which ``mean_hw conv(h) = W mean_hw h + b``.
+    With ``h_mean`` (``mean_hw h``, known from the pass that wrote ``h``) only the weight is read in place of ``c``.
     Else (None, None, None): the squeeze reads ``c``."""
     if type(conv) is not nn.Conv2d:
         return None, None, None
     weight, bias = conv.weight, conv.bias
     n, ch = c.shape[0], c.shape[1]
-    saving = c.numel() - h.numel() - weight.numel()
+    saving = c.numel() - (0 if h_mean is not None else h.numel()) - weight.numel()  # h_mean: h is not read
     if (saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or weight.numel() * n > 4 * saving or weight.dim() != 4
             or not plain_pointwise_conv(conv) or not _fits(h) or h.shape != (n, weight.shape[1], *c.shape[2:])
             or not _float_params((weight,), ch * weight.shape[1]) or not _float_params((bias,), ch)):

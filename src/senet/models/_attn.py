@@ -84,6 +84,20 @@ def stage_attention(
             for s, kw in enumerate(per_stage)]
 
 
+def conv_bn_relu(conv: nn.Module, bn: nn.Module, act: nn.Module, x: torch.Tensor,
+                 mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(act(bn(conv(x))), None)``; in eager inference with a plain ReLU and nobody watching ``bn`` or it,
+    BN and the ReLU in one native pass (``native.bn_relu``; into the conv's fresh output when a plain,
+    unhooked ``nn.Conv2d`` wrote it), which with ``mean`` also gives ``mean_hw`` of the result, (B, C),
+    for an SE unit end's squeeze through the next 1x1 conv (``AttnUnit._merge``'s ``h_mean``)."""
+    c = conv(x)
+    if type(act) is nn.ReLU and inference() and not observed(bn, act):
+        out = native.bn_relu(bn, c, type(conv) is nn.Conv2d and not observed(conv), mean)
+        if out is not None:
+            return out
+    return act(bn(c)), None
+
+
 class AttnUnit(NoScript, nn.Module):
     """Base of residual units: holds ``attn`` (always a module) and applies it where placed."""
 
@@ -96,14 +110,21 @@ class AttnUnit(NoScript, nn.Module):
     def _at(self, where: str, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x) if self.attn_placement == where else x
 
+    def _conv_bn_act(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor,
+                     mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``conv_bn_relu`` with this unit's ``act``."""
+        return conv_bn_relu(conv, bn, self.act, x, mean)
+
     def _merge(self, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
-               conv_in: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
+               conv_in: tuple[nn.Module, torch.Tensor] | None = None,
+               h_mean: torch.Tensor | None = None) -> torch.Tensor:
         """The unit's end, ``post(act(standard(bn(c)) + shortcut))``. SE at ``standard`` runs fused:
         scale, addition and ReLU in one pass, and nothing the plain unit does not keep is kept for
         backward but the pooled ``z``, ``s`` and BN's affine map (vectors; see ``senet.layers.fused``).
 
         ``conv_in=(conv, h)`` says ``c == conv(h)``: inference may then squeeze from ``h``
-        (``squeeze_through_conv``). The result is written into ``bn``'s fresh output when nobody
+        (``squeeze_through_conv``), and the native kernel from ``h_mean``, ``mean_hw h`` (B, Ch), where the pass
+        that wrote ``h`` gave it (``_conv_bn_act``). The result is written into ``bn``'s fresh output when nobody
         watches ``bn`` (as torchvision's ``out += identity``), in training and inference."""
         fused = self.attn_placement == "standard" and can_fuse(self.attn, self.act)
         if fused and torch.is_grad_enabled() and eager():
@@ -114,7 +135,7 @@ class AttnUnit(NoScript, nn.Module):
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
         if inference() and not observed(bn):
-            y = self._native_end(fused, c, bn, shortcut, conv_in)
+            y = self._native_end(fused, c, bn, shortcut, conv_in, h_mean)
             if y is not None:
                 return y
         out = bn(c)
@@ -138,7 +159,7 @@ class AttnUnit(NoScript, nn.Module):
         return self._at("post", self.act(out + shortcut))
 
     def _native_end(self, fused: bool, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
-                    conv_in: tuple[nn.Module, torch.Tensor] | None) -> torch.Tensor | None:
+                    conv_in: tuple[nn.Module, torch.Tensor] | None, h_mean: torch.Tensor | None) -> torch.Tensor | None:
         """The unit's end in one native call (``senet.layers.native``; eager inference, nobody watching ``bn``),
         or None where the kernels do not apply: SE at ``standard`` (``fused``) or no attention at the end.
 
@@ -148,7 +169,7 @@ class AttnUnit(NoScript, nn.Module):
         conv = None if conv_in is None else conv_in[0]
         inplace = type(conv) is nn.Conv2d and not observed(conv)
         if fused:
-            return native.se_unit_end(self.attn, bn, c, shortcut, inplace, conv_in)
+            return native.se_unit_end(self.attn, bn, c, shortcut, inplace, conv_in, h_mean)
         act = self.act
         if type(act) is not nn.ReLU or observed(act) or (
                 self.attn_placement == "standard" and not isinstance(self.attn, nn.Identity)):

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._attn import AttnFactory, AttnUnit, stage_attention
+from ._attn import AttnFactory, AttnUnit, conv_bn_relu, stage_attention
 from ._head import PooledClassifier
 from .registry import ECA_PAPER, RESNET_PAPER, SENET_PAPER, register_model
 
@@ -56,7 +56,7 @@ class BasicBlock(AttnUnit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
-        out = self._at("after_3x3", self.act(self.bn1(self.conv1(x))))
+        out = self._at("after_3x3", self._conv_bn_act(self.conv1, self.bn1, x)[0])
         return self._merge(self.conv2(out), self.bn2, shortcut, (self.conv2, out))  # post(act(standard(bn2(.)) + sc))
 
 
@@ -87,9 +87,13 @@ class Bottleneck(AttnUnit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self._at("after_3x3", self.act(self.bn2(self.conv2(out))))
-        return self._merge(self.conv3(out), self.bn3, shortcut, (self.conv3, out))  # post(act(standard(bn3(.)) + sc))
+        out = self._conv_bn_act(self.conv1, self.bn1, x)[0]
+        # mean_hw of conv3's input, from the pass that writes it, for the SE end's squeeze (eager inference)
+        squeeze = self.attn_placement == "standard" and not isinstance(self.attn, nn.Identity)
+        out, h_mean = self._conv_bn_act(self.conv2, self.bn2, out, squeeze)
+        out = self._at("after_3x3", out)  # (after_3x3: no h_mean, squeeze is False)
+        # post(act(standard(bn3(.)) + sc))
+        return self._merge(self.conv3(out), self.bn3, shortcut, (self.conv3, out), h_mean)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -171,7 +175,7 @@ class ResNet(PooledClassifier):
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of each stage: (B, C_k, H / 2^(k+1), W / 2^(k+1)) for k = 1..4."""
-        x = self.maxpool(self.act(self.bn1(self.conv1(x))))  # (B, 64|128, H/4, W/4)
+        x = self.maxpool(conv_bn_relu(self.conv1, self.bn1, self.act, x)[0])  # (B, 64|128, H/4, W/4)
         feats = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
