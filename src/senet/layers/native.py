@@ -699,17 +699,24 @@ def _float_params(ts: tuple, size: int) -> bool:
     return True
 
 
-def bn_add_relu(bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
-    """``relu(bn(c) + shortcut)`` in one pass (into a new tensor), or None where it does not apply.
-    The caller has checked: eager inference, fast path enabled, a ReLU after the addition, nobody
-    watching ``bn`` or the ReLU."""
+def _bn_call(bn: nn.Module, c: torch.Tensor) -> tuple | None:
+    """(library, threads, BN's tensors) when the kernels can apply the eval-mode BN ``bn`` to ``c``."""
     lib = _state["lib"] if _state["tried"] else library()
-    if lib is None or _off or not _fits(c) or shortcut.shape != c.shape or not _fits(shortcut):
+    if lib is None or _off or not _fits(c):
         return None
     nt = _threads()
     if nt is None or (bnt := _bn_tensors(bn, c.shape[1])) is None:
         return None
-    w, b, rm, rv = bnt
+    return lib, nt, bnt
+
+
+def bn_add_relu(bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
+    """``relu(bn(c) + shortcut)`` in one pass (into a new tensor), or None where it does not apply.
+    The caller has checked: eager inference, fast path enabled, a ReLU after the addition, nobody
+    watching ``bn`` or the ReLU."""
+    if shortcut.shape != c.shape or not _fits(shortcut) or (call := _bn_call(bn, c)) is None:
+        return None
+    lib, nt, (w, b, rm, rv) = call
     n, ch, h, wd = c.shape
     y = c if inplace else torch.empty_like(c)
     tmp = c.new_empty(2 * ch)
@@ -724,13 +731,10 @@ def bn_relu(bn: nn.Module, c: torch.Tensor, inplace: bool = False,
     per-(b, c) means (B, C), from the same pass (``se_unit_end``'s ``h_mean``). ``inplace``: the result may go
     into ``c``. The caller has checked: eager inference, fast path enabled, a ReLU after ``bn``, nobody
     watching either."""
-    lib = _state["lib"] if _state["tried"] else library()
-    if lib is None or _off or not _fits(c):
+    call = _bn_call(bn, c)
+    if call is None:
         return None
-    nt = _threads()
-    if nt is None or (bnt := _bn_tensors(bn, c.shape[1])) is None:
-        return None
-    w, b, rm, rv = bnt
+    lib, nt, (w, b, rm, rv) = call
     n, ch, h, wd = c.shape
     y = c if inplace else torch.empty_like(c)
     tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
