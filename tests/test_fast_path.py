@@ -250,6 +250,15 @@ def test_torch_compile_matches_eager_reference(backend, dtype, channels_last, tr
     _assert_matches_reference(unit, x, dtype, run=torch.compile(unit, backend=backend, fullgraph=True))
 
 
+def _assert_compiled_inference_matches_reference(model: nn.Module, x: torch.Tensor) -> None:
+    """``model`` compiled (aot_eager, fullgraph) in inference gives the reference path's values (float64)."""
+    with torch.inference_mode():
+        with reference_path():
+            want = model(x)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 @pytest.mark.parametrize("attn", ["se_released", "se_mobilenetv3"])  # sigmoid; hard-sigmoid with 1x1-conv FCs
 @pytest.mark.parametrize("hook_bn", [False, True], ids=["plain", "hooked-bn"])
@@ -268,12 +277,7 @@ def test_compiled_inference_squeezes_before_bn(block, attn, hook_bn, monkeypatch
     bn = unit.bn3 if block == "bottleneck" else unit.bn2
     if hook_bn:
         bn.register_forward_hook(lambda m, i, o: o * 1.5)  # a hook that changes BN's output
-    x = torch.randn(3, 16, 6, 6, dtype=torch.float64)
-    with torch.inference_mode():
-        with reference_path():
-            want = unit(x)
-        got = torch.compile(unit, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    _assert_compiled_inference_matches_reference(unit, torch.randn(3, 16, 6, 6, dtype=torch.float64))
     assert [t is not None for t in traced] == [not hook_bn]  # traced once; declined where BN is hooked
 
 
@@ -290,12 +294,7 @@ def test_compiled_inference_squeezes_through_conv3(through_conv, monkeypatch):
     for m in net.modules():  # a bias on conv3 too: the formula's b3
         if hasattr(m, "conv3"):
             m.conv3.bias = nn.Parameter(torch.randn(m.conv3.out_channels, dtype=torch.float64))
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    with torch.inference_mode():
-        with reference_path():
-            want = net(x)
-        got = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    _assert_compiled_inference_matches_reference(net, torch.randn(2, 3, 32, 32, dtype=torch.float64))
     assert len(taken) == 4 and all((z is not None) == through_conv for z in taken)
 
 

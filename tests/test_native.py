@@ -425,6 +425,13 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
     taken.clear()
     # without the mean (h must be read too): stage 2 saves 131072 elements, under 196609
     assert native._through_conv(model.layer2[0].conv3, torch.empty(8, 128, 8, 8), torch.empty(8, 512, 8, 8))[0] is None
+    # a mean of the wrong shape or dtype counts as none: the same decision as without it (default minimum)
+    monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 2**15)
+    conv2_3, h2, c2 = model.layer2[0].conv3, torch.empty(8, 128, 8, 8), torch.empty(8, 512, 8, 8)
+    assert native._through_conv(conv2_3, h2, c2, torch.zeros(8, 128))[3] is not None
+    for bad in (torch.zeros(8, 64), torch.zeros(8, 128, dtype=torch.float64)):  # then h is read (131072 saved)
+        route = native._through_conv(conv2_3, h2, c2, bad)
+        assert route[0] is h2 and route[3] is None
     taken.clear()
     model.layer1[0].conv3.register_forward_hook(lambda *a: None)  # a hook may change c: no detour
     with torch.inference_mode():
@@ -449,7 +456,7 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
 def test_squeeze_through_the_conv_computes_the_formula(n, ch_in, ch, hw, hidden, conv_bias, threads, monkeypatch):
     # the kernel's detour against float64: h is NOT the input c came from, so the result shows which one the
     # squeeze read: s comes from mean_hw bn(conv(h)), the scale applies to bn(c)
-    monkeypatch.setattr(native, "_through_conv", lambda conv, h, c, h_mean=None: (h, conv.weight, conv.bias))
+    monkeypatch.setattr(native, "_through_conv", lambda conv, h, c, h_mean=None: (h, conv.weight, conv.bias, h_mean))
     conv, bn, se = nn.Conv2d(ch_in, ch, 1, bias=conv_bias), random_bn(ch), random_se(ch, hidden=hidden, bias=True)
     h, c, sc = torch.randn(n, ch_in, hw, hw), torch.randn(n, ch, hw, hw), torch.randn(n, ch, hw, hw)
     with torch_threads(threads), torch.inference_mode():

@@ -790,10 +790,8 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     n, ch, h, wd = c.shape
     r = w1.shape[0]
     y = c if inplace else torch.empty_like(c)
-    hin, w3, b3 = (None, None, None) if conv_in is None else _through_conv(*conv_in, c, h_mean)
+    hin, w3, b3, h_mean = (None,) * 4 if conv_in is None else _through_conv(*conv_in, c, h_mean)
     ch_in = 0 if w3 is None else w3.shape[1]
-    if w3 is None or h_mean is None or h_mean.shape != (n, ch_in) or not _float_params((h_mean,), n * ch_in):
-        h_mean = None
     tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
@@ -802,21 +800,24 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
 
 
 def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor, h_mean: torch.Tensor | None = None) -> tuple:
-    """(h, weight, bias) when the squeeze of ``c == conv(h)`` may read ``h`` and ``conv``'s weight instead of
-    ``c`` and that reads at least ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` fewer elements: a plain, unhooked 1x1
-    conv (stride 1, no padding, one group) in float32, for which ``mean_hw conv(h) = W mean_hw h + b``.
-    With ``h_mean`` (``mean_hw h``, known from the pass that wrote ``h``) only the weight is read in place of ``c``.
-    Else (None, None, None): the squeeze reads ``c``."""
+    """(h, weight, bias, h_mean) when the squeeze of ``c == conv(h)`` may read ``h`` and ``conv``'s weight
+    instead of ``c`` and that reads at least ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` fewer elements: a plain,
+    unhooked 1x1 conv (stride 1, no padding, one group) in float32, for which ``mean_hw conv(h) = W mean_hw h + b``.
+    With ``h_mean`` (``mean_hw h``, (B, Ch) float32, known from the pass that wrote ``h``) only the weight is read
+    in place of ``c``; an ``h_mean`` of another shape or kind is not used (None in the result).
+    Else (None, None, None, None): the squeeze reads ``c``."""
     if type(conv) is not nn.Conv2d:
-        return None, None, None
+        return None, None, None, None
     weight, bias = conv.weight, conv.bias
     n, ch = c.shape[0], c.shape[1]
+    if h_mean is not None and (h_mean.shape != (n, h.shape[1]) or not _float_params((h_mean,), h_mean.numel())):
+        h_mean = None
     saving = c.numel() - (0 if h_mean is not None else h.numel()) - weight.numel()  # h_mean: h is not read
     if (saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or weight.numel() * n > 4 * saving or weight.dim() != 4
             or not plain_pointwise_conv(conv) or not _fits(h) or h.shape != (n, weight.shape[1], *c.shape[2:])
             or not _float_params((weight,), ch * weight.shape[1]) or not _float_params((bias,), ch)):
-        return None, None, None
-    return h, weight, bias
+        return None, None, None, None
+    return h, weight, bias, h_mean
 
 
 def se_scale(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

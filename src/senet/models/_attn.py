@@ -110,11 +110,6 @@ class AttnUnit(NoScript, nn.Module):
     def _at(self, where: str, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x) if self.attn_placement == where else x
 
-    def _conv_bn_act(self, conv: nn.Module, bn: nn.Module, x: torch.Tensor,
-                     mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``conv_bn_relu`` with this unit's ``act``."""
-        return conv_bn_relu(conv, bn, self.act, x, mean)
-
     def _merge(self, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
                conv_in: tuple[nn.Module, torch.Tensor] | None = None,
                h_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +119,7 @@ class AttnUnit(NoScript, nn.Module):
 
         ``conv_in=(conv, h)`` says ``c == conv(h)``: inference may then squeeze from ``h``
         (``squeeze_through_conv``), and the native kernel from ``h_mean``, ``mean_hw h`` (B, Ch), where the pass
-        that wrote ``h`` gave it (``_conv_bn_act``). The result is written into ``bn``'s fresh output when nobody
+        that wrote ``h`` gave it (``conv_bn_relu``). The result is written into ``bn``'s fresh output when nobody
         watches ``bn`` (as torchvision's ``out += identity``), in training and inference."""
         fused = self.attn_placement == "standard" and can_fuse(self.attn, self.act)
         if fused and torch.is_grad_enabled() and eager():

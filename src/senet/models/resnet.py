@@ -56,7 +56,7 @@ class BasicBlock(AttnUnit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
-        out = self._at("after_3x3", self._conv_bn_act(self.conv1, self.bn1, x)[0])
+        out = self._at("after_3x3", conv_bn_relu(self.conv1, self.bn1, self.act, x)[0])
         return self._merge(self.conv2(out), self.bn2, shortcut, (self.conv2, out))  # post(act(standard(bn2(.)) + sc))
 
 
@@ -87,10 +87,10 @@ class Bottleneck(AttnUnit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self._at("identity", self.downsample(x))
         x = self._at("pre", x)
-        out = self._conv_bn_act(self.conv1, self.bn1, x)[0]
+        out = conv_bn_relu(self.conv1, self.bn1, self.act, x)[0]
         # mean_hw of conv3's input, from the pass that writes it, for the SE end's squeeze (eager inference)
         squeeze = self.attn_placement == "standard" and not isinstance(self.attn, nn.Identity)
-        out, h_mean = self._conv_bn_act(self.conv2, self.bn2, out, squeeze)
+        out, h_mean = conv_bn_relu(self.conv2, self.bn2, self.act, out, squeeze)
         out = self._at("after_3x3", out)  # (after_3x3: no h_mean, squeeze is False)
         # post(act(standard(bn3(.)) + sc))
         return self._merge(self.conv3(out), self.bn3, shortcut, (self.conv3, out), h_mean)
