@@ -17,6 +17,12 @@ threads, git revision) and the load average before and after.
     onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
 
     python benchmarks/se_overhead.py block --threads 1    (commands used: docs/performance.md)
+
+``--processes K`` (resnet, timm) runs the target in K fresh processes one after the other, each with
+``--rounds`` interleaved rounds, and pools them: a process's state (where its weights landed in memory,
+what else ran then) moves a ratio for all of its rounds, by as much as SE costs at batch 1, so one
+process's interval understates the uncertainty; the pooled intervals resample processes, then rounds
+(``senet.bench.clustered_ratio_ci``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from senet.bench import BenchConfig, Subject, _timed, activation_bytes, make_step, measure, paired_ratio_ci
+from senet.bench import (
+    BenchConfig,
+    Subject,
+    _timed,
+    activation_bytes,
+    clustered_ratio_ci,
+    make_step,
+    measure,
+    paired_ratio_ci,
+)
 from senet.evaluate import provenance, write_json
 from senet.flops import count_macs
 from senet.layers import create_attention, native
@@ -91,20 +110,110 @@ def median_ms(rounds: list[float]) -> float:
     return 1e3 * float(np.median(rounds))
 
 
+def clustered_median_ci(groups: list[np.ndarray], resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of per-round values pooled over processes (one array per process), with a 95% interval
+    from resampling processes, then rounds within each chosen process (fixed seed)."""
+    rng = np.random.default_rng(0)
+    boot = np.empty(resamples)
+    for i in range(resamples):
+        picked = [groups[k][rng.integers(0, groups[k].size, size=groups[k].size)]
+                  for k in rng.integers(0, len(groups), size=len(groups))]
+        boot[i] = np.median(np.concatenate(picked))
+    return float(np.median(np.concatenate(groups))), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def pooled_ratio(num: list[list[float]], den: list[list[float]]) -> dict:
+    """``ratio`` over several processes' paired rounds (one list per process; ``clustered_ratio_ci``)."""
+    per_round = [np.asarray(a, float) / np.asarray(b, float) for a, b in zip(num, den, strict=True)]
+    mid, low, high = clustered_median_ci(per_round)
+    return {**clustered_ratio_ci(num, den), "median_round_ratio": mid, "median_ci_low": low, "median_ci_high": high}
+
+
+def pooled_case(parts: list[dict]) -> dict:
+    """One network case (``run_subjects``' results, plus what ``bench_resnet`` adds) from several processes:
+    every ratio and SE's cost against its floor pooled over processes; each process's own results kept."""
+    rounds = {n: [p["per_round_s"][n] for p in parts] for n in parts[0]["per_round_s"]}
+    out: dict = {"per_round_s": rounds, "per_process": parts}
+    for key, entry in parts[0].items():
+        if key.startswith("ratio_to_") or key == "vs_resnet50_pytorch_ops":
+            base = key.removeprefix("ratio_to_") if key.startswith("ratio_to_") else "resnet50_pytorch_ops"
+            out[key] = {n: pooled_ratio(rounds[n], rounds[base]) for n in entry}
+    if "se_traffic_floor" in parts[0]:
+        diffs = [1e3 * (np.asarray(a, float) - np.asarray(b, float))
+                 for a, b in zip(rounds["se_resnet50"], rounds["resnet50"], strict=True)]
+        mid, low, high = clustered_median_ci(diffs)
+        floor = float(np.mean([p["se_traffic_floor"]["floor_ms"] for p in parts]))
+        out["se_traffic_floor"] = {
+            "floor_ms": floor, "floor_ms_per_process": [p["se_traffic_floor"]["floor_ms"] for p in parts],
+            "se_cost_ms": {"ms": mid, "ci_low": low, "ci_high": high, "rounds": sum(d.size for d in diffs),
+                           "processes": len(diffs)}, "cost_vs_floor": mid / floor if floor else None}
+    return out
+
+
+def run_processes(args, argv: list[str]) -> None:
+    """``--processes K``: the target in K fresh processes one after another (never side by side: each
+    would be the other's load), each writing its own results to a temporary file; then the pooled file."""
+    load = os.getloadavg()
+    child_argv = drop_option(argv, "--processes")
+    parts = []
+    with tempfile.TemporaryDirectory(prefix="se_overhead_") as tmp:
+        for k in range(args.processes):
+            print(f"process {k + 1}/{args.processes}", flush=True)
+            out = Path(tmp) / f"process_{k}.json"
+            code = run_child([sys.executable, str(Path(__file__).resolve()), *child_argv, "--child-out", str(out)])
+            if code != 0:
+                raise SystemExit(f"process {k + 1}/{args.processes} exited with {code}; no results written")
+            parts.append(json.loads(out.read_text()))
+    results = {key: pooled_case([p["results"][key] for p in parts]) for key in parts[0]["results"]}
+    print(f"pooled over {args.processes} processes ({args.rounds} rounds, training {args.train_rounds}, each; "
+          "intervals resample processes, then rounds):")
+    for key, res in results.items():
+        for rk in [k for k in res if k.startswith("ratio_to_")]:
+            for n, r in res[rk].items():
+                per = ", ".join(f"{v:.3f}" for v in r["per_process"])
+                print(f"  {key} {n}/{rk.removeprefix('ratio_to_')} {fmt(r)}; per process {per}")
+        if "se_traffic_floor" in res:
+            f, c = res["se_traffic_floor"], res["se_traffic_floor"]["se_cost_ms"]
+            print(f"  {key} SE's cost {c['ms']:.2f} ms [{c['ci_low']:.2f}, {c['ci_high']:.2f}] against its traffic "
+                  f"floor {f['floor_ms']:.2f} ms (mean over processes)")
+    results["processes"] = [{k: p[k] for k in ("git_revision", "created", "load_avg_before", "load_avg_after")}
+                            for p in parts]
+    print("wrote", save(args.target, {"target": args.target, **vars(args)}, results, load))
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one of ``--processes``' runs (its output goes straight to ours) and give its exit status."""
+    return subprocess.run(cmd).returncode
+
+
+def drop_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without the option ``name`` and its value (``name V`` or ``name=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def fmt(r: dict) -> str:
     return (f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (median of rounds "
             f"{r['median_round_ratio']:.3f} [{r['median_ci_low']:.3f}, {r['median_ci_high']:.3f}])")
 
 
-def save(target: str, config: dict, results: dict, load_before: tuple) -> Path:
-    return save_results(f"se_overhead_{target}{config['tag']}", config, results, load_before)
+def save(target: str, config: dict, results: dict, load_before: tuple, path: Path | None = None) -> Path:
+    return save_results(f"se_overhead_{target}{config['tag']}", config, results, load_before, path)
 
 
-def save_results(name: str, config: dict, results: dict, load_before: tuple) -> Path:
-    """``benchmarks/results/<name>.json``: provenance, the load average before and after, the results."""
+def save_results(name: str, config: dict, results: dict, load_before: tuple, path: Path | None = None) -> Path:
+    """``benchmarks/results/<name>.json`` (or ``path``): provenance, the load average before and after, the
+    results."""
     payload = {**provenance(config, DEVICE), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                "cpus": os.cpu_count(), "results": results}
-    return write_json(RESULTS / f"{name}.json", payload)
+    return write_json(path or RESULTS / f"{name}.json", payload)
 
 
 # ----------------------------------------------------------------------------- 1. block vs floor
@@ -581,15 +690,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--train-rounds", type=int, default=6, help="rounds of one training step each")
+    p.add_argument("--processes", type=int, default=1,
+                   help="resnet, timm: run the target in this many fresh processes, one after another, --rounds "
+                        "each, and pool them (intervals resample processes, then rounds)")
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)  # one of --processes' runs writes here
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     global DEVICE
     DEVICE = check_device(p, args)
+    if args.processes < 1:
+        p.error(f"--processes {args.processes}: give 1 (this process) or more")
+    if args.processes > 1:
+        if args.target not in ("resnet", "timm"):
+            p.error(f"--processes {args.processes}: only the resnet and timm targets pool processes; "
+                    f"run {args.target} with --processes 1")
+        if min(args.rounds, args.train_rounds) < 2:
+            p.error(f"--rounds {args.rounds}, --train-rounds {args.train_rounds}: each process needs >= 2 of each "
+                    "to pair")
+        return run_processes(args, argv)
     torch.set_num_threads(args.threads)
     for target in TARGETS if args.target == "all" else [args.target]:
         load = os.getloadavg()
         torch.manual_seed(0)
         results = TARGETS[target](args)
-        print("wrote", save(target, {"target": target, **vars(args)}, results, load))
+        print("wrote", save(target, {"target": target, **vars(args)}, results, load, args.child_out))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from senet.bench import BenchConfig, activation_bytes, paired_ratio_ci, percentiles, run_bench
+from senet.bench import BenchConfig, activation_bytes, clustered_ratio_ci, paired_ratio_ci, percentiles, run_bench
 from senet.cli import main
 
 
@@ -35,6 +35,44 @@ def test_paired_ratio_exact_and_noisy():
 def test_paired_ratio_needs_two_rounds():
     with pytest.raises(ValueError, match="rounds"):
         paired_ratio_ci([1.0], [1.0])
+
+
+def test_clustered_ratio_by_hand():
+    # two processes, constant ratios 1.1 and 1.3 inside each: the pooled ratio is sum / sum over all rounds
+    base = [[1.0, 2.0, 1.0], [2.0, 2.0, 4.0]]
+    model = [[1.1 * b for b in base[0]], [1.3 * b for b in base[1]]]
+    r = clustered_ratio_ci(model, base)
+    assert r["ratio"] == pytest.approx((1.1 * 4 + 1.3 * 8) / 12)
+    assert r["per_process"] == pytest.approx([1.1, 1.3]) and r["median_process_ratio"] == pytest.approx(1.2)
+    assert r["processes"] == 2 and r["rounds"] == 6
+    # resampling processes: a resample of process 0 twice gives 1.1, of process 1 twice 1.3
+    assert r["ci_low"] == pytest.approx(1.1) and r["ci_high"] == pytest.approx(1.3)
+
+
+def test_clustered_ratio_wider_than_pooled_rounds_when_processes_differ():
+    # each process shifts the ratio for all its rounds: pooling the rounds as if independent understates
+    # the uncertainty, resampling processes does not; with no shift between processes the two agree
+    rng = np.random.default_rng(2)
+    shifts, noise = [1.00, 1.04, 0.99, 1.03, 1.01, 1.05], 0.01
+    base = [list(rng.uniform(1, 2, 20)) for _ in shifts]
+    model = [[b * s * rng.normal(1, noise) for b in bs] for s, bs in zip(shifts, base, strict=True)]
+    flat = paired_ratio_ci([t for g in model for t in g], [t for g in base for t in g])
+    clustered = clustered_ratio_ci(model, base)
+    assert clustered["ratio"] == pytest.approx(flat["ratio"])
+    assert clustered["ci_high"] - clustered["ci_low"] > 2 * (flat["ci_high"] - flat["ci_low"])
+    same = [[b * 1.02 * rng.normal(1, noise) for b in bs] for bs in base]
+    flat_same = paired_ratio_ci([t for g in same for t in g], [t for g in base for t in g])
+    clustered_same = clustered_ratio_ci(same, base)
+    width, flat_width = (clustered_same["ci_high"] - clustered_same["ci_low"],
+                         flat_same["ci_high"] - flat_same["ci_low"])
+    assert 0.6 * flat_width < width < 1.6 * flat_width
+
+
+def test_clustered_ratio_needs_two_processes_of_two_rounds():
+    with pytest.raises(ValueError, match="processes"):
+        clustered_ratio_ci([[1.0, 1.0]], [[1.0, 1.0]])
+    with pytest.raises(ValueError, match="process 1"):
+        clustered_ratio_ci([[1.0, 1.0], [1.0]], [[1.0, 1.0], [1.0]])
 
 
 def test_activation_bytes_by_hand():

@@ -191,3 +191,93 @@ def test_traffic_floor_counts_the_bytes_only_se_moves():
         assert got["units"] == 4 and got["squeeze_bytes"] == want and got["weight_bytes"] == fc
         assert got["floor_ms"] == pytest.approx(got["weights_ms"] + got["squeeze_ms"]) and got["weights_ms"] > 0
         assert got["weights_ms"] == pytest.approx(1e3 * fc / got["memory_read_GBps"] / 1e9)
+
+
+def _case(se: list[float], base: list[float], floor_ms: float) -> dict:
+    """One process's results for a network case, as run_subjects and bench_resnet write them."""
+    return {"per_round_s": {"se_resnet50": se, "resnet50": base},
+            "ratio_to_resnet50": {"se_resnet50": se_overhead.ratio(se, base)},
+            "se_traffic_floor": {"floor_ms": floor_ms}}
+
+
+def test_pooled_case_by_hand():
+    # process 0: se 1.1x resnet50 (1 ms more per round), process 1: 1.3x (6 and 3 ms more)
+    parts = [_case([0.011, 0.011], [0.010, 0.010], 1.0), _case([0.026, 0.013], [0.020, 0.010], 2.0)]
+    got = se_overhead.pooled_case(parts)
+    r = got["ratio_to_resnet50"]["se_resnet50"]
+    assert r["ratio"] == pytest.approx(0.061 / 0.050) and r["per_process"] == pytest.approx([1.1, 1.3])
+    assert r["processes"] == 2 and r["rounds"] == 4
+    assert r["median_round_ratio"] == pytest.approx(1.2)  # per-round ratios 1.1, 1.1, 1.3, 1.3
+    floor = got["se_traffic_floor"]
+    assert floor["floor_ms"] == pytest.approx(1.5) and floor["floor_ms_per_process"] == [1.0, 2.0]
+    assert floor["se_cost_ms"]["ms"] == pytest.approx(2.0)  # median of 1, 1, 6, 3 ms
+    assert floor["cost_vs_floor"] == pytest.approx(2.0 / 1.5)
+    assert got["per_process"] == parts and got["per_round_s"]["resnet50"] == [[0.010, 0.010], [0.020, 0.010]]
+
+
+def test_drop_option_both_spellings():
+    argv = ["resnet", "--processes", "3", "--rounds", "5", "--processes=4", "--tag", "_x"]
+    assert se_overhead.drop_option(argv, "--processes") == ["resnet", "--rounds", "5", "--tag", "_x"]
+
+
+@pytest.mark.parametrize("argv, says", [(["block", "--processes", "2"], "only the resnet and timm targets"),
+                                        (["resnet", "--processes", "0"], "--processes 0"),
+                                        (["resnet", "--processes", "2", "--rounds", "1"], "--rounds 1")])
+def test_processes_flag_names_what_is_wrong(argv, says, capsys, monkeypatch):
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    with pytest.raises(SystemExit) as e:
+        se_overhead.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_processes_run_one_after_another_and_pool(tmp_path, monkeypatch):
+    # each "process" runs main with the parent's arguments but --processes, writing where --child-out says; the
+    # parent pools what they wrote. Here a process is main called in this one (no ResNet-50s timed: run_subjects
+    # gives each process its own made-up rounds), and in the end a second process fails.
+    import json
+
+    seen, runs = [], []
+
+    def fake_run_subjects(models, cfg, batch):
+        k = len(runs)
+        runs.append(sorted(models))
+        se, base = [0.011 + 0.001 * k, 0.012 + 0.001 * k], [0.010, 0.010]
+        return {"per_round_s": {"se_resnet50": se, "resnet50": base},
+                "ratio_to_resnet50": {"se_resnet50": se_overhead.ratio(se, base)}}
+
+    def fake_run_child(cmd):
+        seen.append(cmd)
+        assert cmd[0] == se_overhead.sys.executable and cmd[1].endswith("se_overhead.py")
+        se_overhead.main(cmd[2:])
+        return 0
+
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "run_subjects", fake_run_subjects)
+    monkeypatch.setattr(se_overhead, "cost_against_floor", lambda se, batch, a, b: {"floor_ms": 1.0})
+    monkeypatch.setattr(se_overhead, "run_child", fake_run_child)
+    from senet.models import CifarResNet
+
+    monkeypatch.setattr(se_overhead, "create_model",
+                        lambda name: CifarResNet("basic", 1, attn="se" if name.startswith("se_") else None))
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["resnet", "--pair", "--infer-batch", "1", "--train-batch", "--rounds", "2", "--processes", "3",
+                      "--tag", "_pooled"])
+    assert len(seen) == 3 and all("--processes" not in c and c[-2] == "--child-out" for c in seen)
+    assert len({c[-1] for c in seen}) == 3 and runs == [["resnet50", "se_resnet50"]] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["se_overhead_resnet_pooled.json"]  # children's files: temp
+    saved = json.loads((tmp_path / "se_overhead_resnet_pooled.json").read_text())
+    r = saved["results"]["infer_b1"]["ratio_to_resnet50"]["se_resnet50"]
+    assert r["per_process"] == pytest.approx([1.15, 1.25, 1.35]) and r["processes"] == 3
+    assert r["ratio"] == pytest.approx((0.023 + 0.025 + 0.027) / 0.060)
+    assert saved["config"]["processes"] == 3 and len(saved["results"]["processes"]) == 3
+    assert saved["results"]["infer_b1"]["se_traffic_floor"]["floor_ms"] == 1.0
+
+    def failing_run_child(cmd):
+        return 1 if len(seen) == 1 else fake_run_child(cmd)  # the second process fails
+
+    seen.clear()
+    monkeypatch.setattr(se_overhead, "run_child", failing_run_child)
+    with pytest.raises(SystemExit, match="process 2/3 exited with 1; no results written"):
+        se_overhead.main(["resnet", "--pair", "--infer-batch", "1", "--train-batch", "--rounds", "2",
+                          "--processes", "3", "--tag", "_failed"])
+    assert not (tmp_path / "se_overhead_resnet_failed.json").exists()

@@ -70,6 +70,38 @@ def paired_ratio_ci(model_rounds: list[float], base_rounds: list[float], *, leve
             "ci_high": float(np.percentile(boot, 100 - tail)), "level": level, "rounds": int(m.size)}
 
 
+def clustered_ratio_ci(model_groups: list[list[float]], base_groups: list[list[float]], *, level: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """``paired_ratio_ci`` over rounds measured in several processes (``groups``: one list of paired per-round
+    times per process). A process's state (where its tensors landed in memory, what else ran then) moves
+    both subjects' times and their ratio for all of its rounds, so rounds of one process are not independent
+    samples: the interval comes from a two-level bootstrap, processes resampled first and then rounds within
+    each chosen process. The ratio is sum(model) / sum(baseline) over all rounds, as ``paired_ratio_ci``."""
+    if len(model_groups) != len(base_groups) or len(model_groups) < 2:
+        raise ValueError(f"need >= 2 processes with paired rounds, got {len(model_groups)} and {len(base_groups)}")
+    groups = []
+    for k, (m, b) in enumerate(zip(model_groups, base_groups, strict=True)):
+        m, b = np.asarray(m, float), np.asarray(b, float)
+        if m.shape != b.shape or m.size < 2:
+            raise ValueError(f"process {k}: need >= 2 paired rounds of equal length, got {m.size} and {b.size}")
+        groups.append((m, b))
+    rng = np.random.default_rng(seed)
+    boot = np.empty(resamples)
+    for i in range(resamples):
+        num = den = 0.0
+        for k in rng.integers(0, len(groups), size=len(groups)):
+            m, b = groups[k]
+            idx = rng.integers(0, m.size, size=m.size)
+            num, den = num + m[idx].sum(), den + b[idx].sum()
+        boot[i] = num / den
+    tail = 100 * (1 - level) / 2
+    per_process = [float(m.sum() / b.sum()) for m, b in groups]
+    return {"ratio": float(sum(m.sum() for m, _ in groups) / sum(b.sum() for _, b in groups)),
+            "ci_low": float(np.percentile(boot, tail)), "ci_high": float(np.percentile(boot, 100 - tail)),
+            "level": level, "rounds": int(sum(m.size for m, _ in groups)), "processes": len(groups),
+            "per_process": per_process, "median_process_ratio": float(np.median(per_process))}
+
+
 # ----------------------------------------------------------------------------- memory
 
 
