@@ -202,6 +202,14 @@ def test_training_block_declines_and_refuses_double_backward():
     h.remove()
 
 
+def inference_and_reference(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` in inference (where the kernels run) and on the reference path."""
+    with torch.inference_mode():
+        got = model(x)
+        with reference_path():
+            return got, model(x)
+
+
 def se_resnet(block: str = "bottleneck") -> nn.Module:
     if block == "basic":
         return perturb_bn(CifarResNet("basic", 1, attn="se", num_classes=7))
@@ -364,12 +372,7 @@ def test_no_compiler_means_pytorch_ops_and_one_warning(fresh_build, monkeypatch)
     assert not st["available"] and "no-such-cc" in st["why"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning
-        model = se_resnet().eval()
-        x = torch.randn(1, 3, 64, 64)
-        with torch.inference_mode():
-            y = model(x)
-            with reference_path():
-                ref = model(x)
+        y, ref = inference_and_reference(se_resnet().eval(), torch.randn(1, 3, 64, 64))
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -408,10 +411,7 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
         return out
 
     monkeypatch.setattr(native, "_through_conv", spy)
-    with torch.inference_mode():
-        got = model(x)
-        with reference_path():
-            ref = model(x)
+    got, ref = inference_and_reference(model, x)
     # c, W per stage (h is not read: its mean comes from bn_relu): 8x256x16x16, 256x64 (saving 507904 elements,
     # 131072 MACs): through; 8x512x8x8, 512x128 (196608, 524288 MACs): through; stage 3: W (262144) outweighs c
     # (131072); stage 4 likewise
@@ -533,11 +533,7 @@ def test_units_fuse_bn_and_relu_where_nobody_watches(hooked, monkeypatch):
         unit.conv2.register_forward_hook(lambda m, i, o: seen.append((o, o.clone())))
     elif hooked is not None:
         getattr(unit, hooked).register_forward_hook(lambda m, i, o: seen.append(1))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        got = model(x)
-        with reference_path():
-            ref = model(x)
+    got, ref = inference_and_reference(model, torch.randn(2, 3, 64, 64))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # the mean flag of each call: the stem's, then (bn1, bn2) per unit; layer1's hooked BN or ReLU leaves its
     # calls to the modules
