@@ -150,6 +150,11 @@ def pooled_case(parts: list[dict]) -> dict:
     return out
 
 
+PROCESS_PROVENANCE = ("git_revision", "created", "load_avg_before", "load_avg_after")
+# what must agree between results files pooled by --pool (what is timed, and how)
+POOL_SAME = ("device", "threads", "pair", "modes", "infer_batch", "train_batch")
+
+
 def run_processes(args, argv: list[str]) -> None:
     """``--processes K``: the target in K fresh processes one after another (never side by side: each
     would be the other's load), each writing its own results to a temporary file; then the pooled file."""
@@ -164,9 +169,16 @@ def run_processes(args, argv: list[str]) -> None:
             if code != 0:
                 raise SystemExit(f"process {k + 1}/{args.processes} exited with {code}; no results written")
             parts.append(json.loads(out.read_text()))
+    processes = [{k: p[k] for k in PROCESS_PROVENANCE} for p in parts]
     results = {key: pooled_case([p["results"][key] for p in parts]) for key in parts[0]["results"]}
-    print(f"pooled over {args.processes} processes ({args.rounds} rounds, training {args.train_rounds}, each; "
-          "intervals resample processes, then rounds):")
+    header = f"{args.processes} processes, {args.rounds} rounds each (training {args.train_rounds})"
+    write_pooled(args, results, processes, header, load)
+
+
+def write_pooled(args, results: dict, processes: list[dict], header: str, load: tuple, sources=None) -> None:
+    """Print the pooled ``results`` (one ``pooled_case`` per case) and save them with each process's provenance
+    (and, from ``--pool``, the files they came from)."""
+    print(f"pooled over {header}; intervals resample processes, then rounds:")
     for key, res in results.items():
         for rk in [k for k in res if k.startswith("ratio_to_")]:
             for n, r in res[rk].items():
@@ -176,9 +188,56 @@ def run_processes(args, argv: list[str]) -> None:
             f, c = res["se_traffic_floor"], res["se_traffic_floor"]["se_cost_ms"]
             print(f"  {key} SE's cost {c['ms']:.2f} ms [{c['ci_low']:.2f}, {c['ci_high']:.2f}] against its traffic "
                   f"floor {f['floor_ms']:.2f} ms (mean over processes)")
-    results["processes"] = [{k: p[k] for k in ("git_revision", "created", "load_avg_before", "load_avg_after")}
-                            for p in parts]
+    results["processes"] = processes
+    if sources is not None:
+        results["pooled_from"] = sources
     print("wrote", save(args.target, {"target": args.target, **vars(args)}, results, load))
+
+
+def pool_files(parser: argparse.ArgumentParser, args) -> None:
+    """``--pool FILE ...``: measure nothing; pool results files of this target (single processes or
+    ``--processes`` runs, which contribute each of their processes) as if their processes were one run.
+    The files must agree on ``POOL_SAME``, the cases, the networks and the library versions."""
+    load = os.getloadavg()
+    runs = []
+    for path in args.pool:
+        try:
+            data = json.loads(Path(path).read_text())
+            config, results = data["config"], data["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--pool {path}: not a readable results file of this script ({type(e).__name__}: {e})")
+        if config.get("target") != args.target:
+            parser.error(f"--pool {path}: a results file of the {config.get('target')!r} target; pool it with "
+                         f"`{config.get('target')} --pool ...`, not {args.target!r}")
+        runs.append((str(path), data))
+    first_path, first = runs[0]
+    cases = sorted(k for k in first["results"] if k not in ("processes", "pooled_from"))
+    for path, data in runs[1:]:
+        differ = [k for k in POOL_SAME if data["config"].get(k) != first["config"].get(k)]
+        if sorted(k for k in data["results"] if k not in ("processes", "pooled_from")) != cases:
+            differ.append("cases")
+        if data.get("versions") != first.get("versions"):
+            differ.append("versions")
+        if differ:
+            parser.error(f"--pool: {path} and {first_path} measured different things ({', '.join(differ)} differ); "
+                         "pool only runs of the same command and library versions")
+    parts: dict[str, list[dict]] = {key: [] for key in cases}
+    processes, sources = [], []
+    for path, data in runs:
+        res = data["results"]
+        pooled = "processes" in res  # a --processes (or --pool) run: its processes' own results are kept
+        for key in cases:
+            parts[key] += res[key]["per_process"] if pooled else [res[key]]
+        processes += res["processes"] if pooled else [{k: data.get(k) for k in PROCESS_PROVENANCE}]
+        sources.append({"file": Path(path).name, "git_revision": data.get("git_revision"),
+                        "created": data.get("created"), "config": data["config"]})
+    for key in cases:
+        names = [sorted(part["per_round_s"]) for part in parts[key]]
+        if any(n != names[0] for n in names):
+            parser.error(f"--pool: the files time different networks in {key} ({names[0]} and others); "
+                         "pool only runs of the same command")
+    results = {key: pooled_case(parts[key]) for key in cases}
+    write_pooled(args, results, processes, f"{len(processes)} processes from {len(runs)} files", load, sources)
 
 
 def run_child(cmd: list[str]) -> int:
@@ -693,11 +752,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="resnet, timm: run the target in this many fresh processes, one after another, --rounds "
                         "each, and pool them (intervals resample processes, then rounds)")
+    p.add_argument("--pool", nargs="+", metavar="FILE",
+                   help="resnet, timm: measure nothing; pool these results files of the target (single runs or "
+                        "--processes runs) as if their processes had been one run")
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)  # one of --processes' runs writes here
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     global DEVICE
     DEVICE = check_device(p, args)
+    if args.pool:
+        if args.target not in ("resnet", "timm") or args.processes != 1:
+            p.error(f"--pool: pools results files of the resnet or timm target, alone (got {args.target!r}"
+                    f"{', --processes ' + str(args.processes) if args.processes != 1 else ''})")
+        return pool_files(p, args)
     if args.processes < 1:
         p.error(f"--processes {args.processes}: give 1 (this process) or more")
     if args.processes > 1:

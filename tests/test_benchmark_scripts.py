@@ -281,3 +281,74 @@ def test_processes_run_one_after_another_and_pool(tmp_path, monkeypatch):
         se_overhead.main(["resnet", "--pair", "--infer-batch", "1", "--train-batch", "--rounds", "2",
                           "--processes", "3", "--tag", "_failed"])
     assert not (tmp_path / "se_overhead_resnet_failed.json").exists()
+
+
+def _results_file(path, results: dict, processes: int | None = None, **config) -> str:
+    """A results file as this script writes it: one process's, or with ``processes`` a --processes run's."""
+    import json
+
+    prov = {"git_revision": "abc", "created": "2026-11-22T10:00:00+0000", "load_avg_before": [0.1, 0.1, 0.1],
+            "load_avg_after": [0.2, 0.2, 0.2]}
+    cfg = {"target": "resnet", "device": "cpu", "threads": 1, "pair": True, "modes": None, "infer_batch": [16],
+           "train_batch": [], **config}
+    if processes is not None:
+        results = {key: se_overhead.pooled_case(parts) for key, parts in results.items()}
+        results["processes"] = [prov] * processes
+    path.write_text(json.dumps({**prov, "config": cfg, "versions": {"torch": "2.14.1"}, "results": results}))
+    return str(path)
+
+
+def test_pool_files_pools_every_process_of_every_file(tmp_path, monkeypatch):
+    import json
+
+    a1, a2 = _case([0.011, 0.011], [0.010, 0.010], 1.0), _case([0.026, 0.013], [0.020, 0.010], 2.0)
+    b = _case([0.030, 0.031, 0.029], [0.030, 0.030, 0.030], 3.0)
+    fa = _results_file(tmp_path / "a.json", {"infer_b16": [a1, a2]}, processes=2)  # a --processes 2 run
+    fb = _results_file(tmp_path / "b.json", {"infer_b16": b})  # a single process
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(se_overhead, "RESULTS", out)
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["resnet", "--pool", fa, fb, "--tag", "_both"])
+    saved = json.loads((out / "se_overhead_resnet_both.json").read_text())
+    r = saved["results"]["infer_b16"]["ratio_to_resnet50"]["se_resnet50"]
+    assert r["processes"] == 3 and r["rounds"] == 7
+    assert r["per_process"] == pytest.approx([1.1, 1.3, 1.0])
+    assert r["ratio"] == pytest.approx((0.022 + 0.039 + 0.090) / (0.020 + 0.030 + 0.090))  # sums over all rounds
+    assert r == se_overhead.pooled_case([a1, a2, b])["ratio_to_resnet50"]["se_resnet50"]
+    assert saved["results"]["infer_b16"]["se_traffic_floor"]["floor_ms"] == pytest.approx(2.0)  # mean of 1, 2, 3
+    assert len(saved["results"]["processes"]) == 3
+    assert [s["file"] for s in saved["results"]["pooled_from"]] == ["a.json", "b.json"]
+    assert saved["config"]["pool"] == [fa, fb]
+
+
+@pytest.mark.parametrize("second, says", [
+    ({"threads": 2}, "threads differ"),
+    ({"target": "timm"}, "the 'timm' target"),
+    ({"infer_batch": [1]}, "infer_batch"),
+    ("garbage", "not a readable results file"),
+])
+def test_pool_files_refuses_what_it_cannot_pool(second, says, tmp_path, capsys, monkeypatch):
+    case = _case([0.011, 0.012], [0.010, 0.010], 1.0)
+    first = _results_file(tmp_path / "a.json", {"infer_b16": case})
+    if second == "garbage":
+        (tmp_path / "b.json").write_text("{not json")
+        other = str(tmp_path / "b.json")
+    else:
+        other = _results_file(tmp_path / "b.json", {"infer_b16": case}, **second)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(se_overhead, "RESULTS", out)
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    with pytest.raises(SystemExit) as e:
+        se_overhead.main(["resnet", "--pool", first, other])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not list(out.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("argv", [["block", "--pool", "x.json"], ["resnet", "--pool", "x.json", "--processes", "2"]])
+def test_pool_flag_goes_alone_with_resnet_or_timm(argv, capsys, monkeypatch):
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    with pytest.raises(SystemExit) as e:
+        se_overhead.main(argv)
+    assert e.value.code == 2 and "--pool: pools results files of the resnet or timm target" in capsys.readouterr().err
