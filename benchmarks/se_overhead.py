@@ -169,10 +169,32 @@ def run_processes(args, argv: list[str]) -> None:
             if code != 0:
                 raise SystemExit(f"process {k + 1}/{args.processes} exited with {code}; no results written")
             parts.append(json.loads(out.read_text()))
-    processes = [{k: p[k] for k in PROCESS_PROVENANCE} for p in parts]
-    results = {key: pooled_case([p["results"][key] for p in parts]) for key in parts[0]["results"]}
+    results, processes = pool_payloads(parts)
     header = f"{args.processes} processes, {args.rounds} rounds each (training {args.train_rounds})"
     write_pooled(args, results, processes, header, load)
+
+
+def _cases(results: dict) -> list[str]:
+    """The network cases of a results file's ``results`` (not the pooled files' provenance entries)."""
+    return [k for k in results if k not in ("processes", "pooled_from")]
+
+
+def pool_payloads(payloads: list[dict]) -> tuple[dict, list[dict]]:
+    """(results, processes' provenance) of results files pooled as one run: a single process's file adds its
+    cases as one process, a ``--processes`` (or ``--pool``) file each of its processes."""
+    processes: list[dict] = []
+    for data in payloads:
+        res = data["results"]
+        processes += res["processes"] if "processes" in res else [{k: data.get(k) for k in PROCESS_PROVENANCE}]
+    results = {key: pooled_case([part for data in payloads for part in _parts(data, key)])
+               for key in _cases(payloads[0]["results"])}
+    return results, processes
+
+
+def _parts(data: dict, key: str) -> list[dict]:
+    """Case ``key`` of a results file per process: the file's own, or a pooled file's processes' (kept there)."""
+    res = data["results"]
+    return res[key]["per_process"] if "processes" in res else [res[key]]
 
 
 def write_pooled(args, results: dict, processes: list[dict], header: str, load: tuple, sources=None) -> None:
@@ -211,32 +233,24 @@ def pool_files(parser: argparse.ArgumentParser, args) -> None:
                          f"`{config.get('target')} --pool ...`, not {args.target!r}")
         runs.append((str(path), data))
     first_path, first = runs[0]
-    cases = sorted(k for k in first["results"] if k not in ("processes", "pooled_from"))
+    cases = sorted(_cases(first["results"]))
     for path, data in runs[1:]:
         differ = [k for k in POOL_SAME if data["config"].get(k) != first["config"].get(k)]
-        if sorted(k for k in data["results"] if k not in ("processes", "pooled_from")) != cases:
+        if sorted(_cases(data["results"])) != cases:
             differ.append("cases")
         if data.get("versions") != first.get("versions"):
             differ.append("versions")
         if differ:
             parser.error(f"--pool: {path} and {first_path} measured different things ({', '.join(differ)} differ); "
                          "pool only runs of the same command and library versions")
-    parts: dict[str, list[dict]] = {key: [] for key in cases}
-    processes, sources = [], []
-    for path, data in runs:
-        res = data["results"]
-        pooled = "processes" in res  # a --processes (or --pool) run: its processes' own results are kept
-        for key in cases:
-            parts[key] += res[key]["per_process"] if pooled else [res[key]]
-        processes += res["processes"] if pooled else [{k: data.get(k) for k in PROCESS_PROVENANCE}]
-        sources.append({"file": Path(path).name, "git_revision": data.get("git_revision"),
-                        "created": data.get("created"), "config": data["config"]})
     for key in cases:
-        names = [sorted(part["per_round_s"]) for part in parts[key]]
+        names = [sorted(part["per_round_s"]) for _, data in runs for part in _parts(data, key)]
         if any(n != names[0] for n in names):
             parser.error(f"--pool: the files time different networks in {key} ({names[0]} and others); "
                          "pool only runs of the same command")
-    results = {key: pooled_case(parts[key]) for key in cases}
+    results, processes = pool_payloads([data for _, data in runs])
+    sources = [{"file": Path(path).name, "git_revision": data.get("git_revision"), "created": data.get("created"),
+                "config": data["config"]} for path, data in runs]
     write_pooled(args, results, processes, f"{len(processes)} processes from {len(runs)} files", load, sources)
 
 
