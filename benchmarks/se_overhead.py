@@ -150,7 +150,8 @@ def pooled_case(parts: list[dict]) -> dict:
     return out
 
 
-PROCESS_PROVENANCE = ("git_revision", "created", "load_avg_before", "load_avg_after")
+# what a pooled file keeps of each process's provenance (``device``: its threads, native kernels, environment)
+PROCESS_PROVENANCE = ("git_revision", "created", "load_avg_before", "load_avg_after", "device")
 # what must agree between results files pooled by --pool (what is timed, and how)
 POOL_SAME = ("device", "threads", "pair", "modes", "infer_batch", "train_batch")
 
@@ -169,9 +170,9 @@ def run_processes(args, argv: list[str]) -> None:
             if code != 0:
                 raise SystemExit(f"process {k + 1}/{args.processes} exited with {code}; no results written")
             parts.append(json.loads(out.read_text()))
-    results, processes = pool_payloads(parts)
+    results, processes, measured = pool_payloads(parts)
     header = f"{args.processes} processes, {args.rounds} rounds each (training {args.train_rounds})"
-    write_pooled(args, results, processes, header, load)
+    write_pooled(args, results, processes, header, load, measured)
 
 
 def _cases(results: dict) -> list[str]:
@@ -179,16 +180,23 @@ def _cases(results: dict) -> list[str]:
     return [k for k in results if k not in ("processes", "pooled_from")]
 
 
-def pool_payloads(payloads: list[dict]) -> tuple[dict, list[dict]]:
-    """(results, processes' provenance) of results files pooled as one run: a single process's file adds its
-    cases as one process, a ``--processes`` (or ``--pool``) file each of its processes."""
+def pool_payloads(payloads: list[dict]) -> tuple[dict, list[dict], dict]:
+    """(results, processes' provenance, what was measured with) of results files pooled as one run: a single
+    process's file adds its cases as one process, a ``--processes`` (or ``--pool``) file each of its processes.
+    What was measured with: the ``versions`` and ``device`` of the processes that timed (the first's; pooled
+    files agree on versions, and each process keeps its own device), not those of the process that pools:
+    a ``--processes`` parent runs nothing at the target's thread count. (Files pooled before this recorded
+    the parent's device block and no device per process; such a file's own block stands in for its
+    processes.)"""
     processes: list[dict] = []
     for data in payloads:
         res = data["results"]
         processes += res["processes"] if "processes" in res else [{k: data.get(k) for k in PROCESS_PROVENANCE}]
     results = {key: pooled_case([part for data in payloads for part in _parts(data, key)])
                for key in _cases(payloads[0]["results"])}
-    return results, processes
+    measured = {"versions": payloads[0].get("versions"),
+                "device": processes[0].get("device") or payloads[0].get("device")}
+    return results, processes, {k: v for k, v in measured.items() if v is not None}
 
 
 def _parts(data: dict, key: str) -> list[dict]:
@@ -197,9 +205,11 @@ def _parts(data: dict, key: str) -> list[dict]:
     return res[key]["per_process"] if "processes" in res else [res[key]]
 
 
-def write_pooled(args, results: dict, processes: list[dict], header: str, load: tuple, sources=None) -> None:
+def write_pooled(args, results: dict, processes: list[dict], header: str, load: tuple, measured: dict,
+                 sources=None, config: dict | None = None) -> None:
     """Print the pooled ``results`` (one ``pooled_case`` per case) and save them with each process's provenance
-    (and, from ``--pool``, the files they came from)."""
+    (and, from ``--pool``, the files they came from) under ``config`` (default: this command's) and the
+    ``measured`` versions and device (``pool_payloads``)."""
     print(f"pooled over {header}; intervals resample processes, then rounds:")
     for key, res in results.items():
         for rk in [k for k in res if k.startswith("ratio_to_")]:
@@ -213,7 +223,8 @@ def write_pooled(args, results: dict, processes: list[dict], header: str, load: 
     results["processes"] = processes
     if sources is not None:
         results["pooled_from"] = sources
-    print("wrote", save(args.target, {"target": args.target, **vars(args)}, results, load))
+    print("wrote", save(args.target, config or {"target": args.target, **vars(args)}, results, load,
+                        measured=measured))
 
 
 def pool_files(parser: argparse.ArgumentParser, args) -> None:
@@ -248,10 +259,22 @@ def pool_files(parser: argparse.ArgumentParser, args) -> None:
         if any(n != names[0] for n in names):
             parser.error(f"--pool: the files time different networks in {key} ({names[0]} and others); "
                          "pool only runs of the same command")
-    results, processes = pool_payloads([data for _, data in runs])
+    results, processes, measured = pool_payloads([data for _, data in runs])
     sources = [{"file": Path(path).name, "git_revision": data.get("git_revision"), "created": data.get("created"),
-                "config": data["config"]} for path, data in runs]
-    write_pooled(args, results, processes, f"{len(processes)} processes from {len(runs)} files", load, sources)
+                "config": data["config"], **({"pooled_from": data["results"]["pooled_from"]}
+                                             if "pooled_from" in data["results"] else {})} for path, data in runs]
+    write_pooled(args, results, processes, f"{len(processes)} processes from {len(runs)} files", load, measured,
+                 sources, pooled_config([data["config"] for _, data in runs], args, len(processes)))
+
+
+def pooled_config(configs: list[dict], args, processes: int) -> dict:
+    """The config a ``--pool`` file records: what its sources measured (``POOL_SAME`` and every other setting
+    they share; a setting they differ in, such as ``rounds``, is None here and kept in each ``pooled_from``
+    entry), with the number of ``processes`` pooled and this command's ``tag`` and ``pool``. So a pooled file
+    says what was timed, and pools again."""
+    keys = dict.fromkeys(k for c in configs for k in c)
+    shared = {k: configs[0].get(k) if all(c.get(k) == configs[0].get(k) for c in configs) else None for k in keys}
+    return {**shared, "target": args.target, "processes": processes, "tag": args.tag, "pool": args.pool}
 
 
 def run_child(cmd: list[str]) -> int:
@@ -277,15 +300,17 @@ def fmt(r: dict) -> str:
             f"{r['median_round_ratio']:.3f} [{r['median_ci_low']:.3f}, {r['median_ci_high']:.3f}])")
 
 
-def save(target: str, config: dict, results: dict, load_before: tuple, path: Path | None = None) -> Path:
-    return save_results(f"se_overhead_{target}{config['tag']}", config, results, load_before, path)
+def save(target: str, config: dict, results: dict, load_before: tuple, path: Path | None = None,
+         measured: dict | None = None) -> Path:
+    return save_results(f"se_overhead_{target}{config['tag']}", config, results, load_before, path, measured)
 
 
-def save_results(name: str, config: dict, results: dict, load_before: tuple, path: Path | None = None) -> Path:
+def save_results(name: str, config: dict, results: dict, load_before: tuple, path: Path | None = None,
+                 measured: dict | None = None) -> Path:
     """``benchmarks/results/<name>.json`` (or ``path``): provenance, the load average before and after, the
-    results."""
-    payload = {**provenance(config, DEVICE), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-               "cpus": os.cpu_count(), "results": results}
+    results. ``measured``: the versions and device of the processes that timed, where not this one (pools)."""
+    payload = {**provenance(config, DEVICE), **(measured or {}), "load_avg_before": load_before,
+               "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(), "results": results}
     return write_json(path or RESULTS / f"{name}.json", payload)
 
 

@@ -249,6 +249,8 @@ def test_processes_run_one_after_another_and_pool(tmp_path, monkeypatch):
         seen.append(cmd)
         assert cmd[0] == se_overhead.sys.executable and cmd[1].endswith("se_overhead.py")
         se_overhead.main(cmd[2:])
+        out = Path(cmd[-1])  # a real child is another process, with its own device block (threads, kernels)
+        out.write_text(json.dumps({**json.loads(out.read_text()), "device": {"threads": 1, "child": len(seen)}}))
         return 0
 
     monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
@@ -270,6 +272,9 @@ def test_processes_run_one_after_another_and_pool(tmp_path, monkeypatch):
     assert r["per_process"] == pytest.approx([1.15, 1.25, 1.35]) and r["processes"] == 3
     assert r["ratio"] == pytest.approx((0.023 + 0.025 + 0.027) / 0.060)
     assert saved["config"]["processes"] == 3 and len(saved["results"]["processes"]) == 3
+    # the device the processes timed on, each its own, not the parent's (which times nothing)
+    assert [p["device"]["child"] for p in saved["results"]["processes"]] == [1, 2, 3]
+    assert saved["device"] == {"threads": 1, "child": 1}
     assert saved["results"]["infer_b1"]["se_traffic_floor"]["floor_ms"] == 1.0
 
     def failing_run_child(cmd):
@@ -294,7 +299,8 @@ def _results_file(path, results: dict, processes: int | None = None, **config) -
     if processes is not None:
         results = {key: se_overhead.pooled_case(parts) for key, parts in results.items()}
         results["processes"] = [prov] * processes
-    path.write_text(json.dumps({**prov, "config": cfg, "versions": {"torch": "2.14.1"}, "results": results}))
+    path.write_text(json.dumps({**prov, "config": cfg, "versions": {"torch": "2.14.1"}, "device": {"threads": 1},
+                                "results": results}))
     return str(path)
 
 
@@ -303,8 +309,8 @@ def test_pool_files_pools_every_process_of_every_file(tmp_path, monkeypatch):
 
     a1, a2 = _case([0.011, 0.011], [0.010, 0.010], 1.0), _case([0.026, 0.013], [0.020, 0.010], 2.0)
     b = _case([0.030, 0.031, 0.029], [0.030, 0.030, 0.030], 3.0)
-    fa = _results_file(tmp_path / "a.json", {"infer_b16": [a1, a2]}, processes=2)  # a --processes 2 run
-    fb = _results_file(tmp_path / "b.json", {"infer_b16": b})  # a single process
+    fa = _results_file(tmp_path / "a.json", {"infer_b16": [a1, a2]}, processes=2, rounds=2)  # a --processes 2 run
+    fb = _results_file(tmp_path / "b.json", {"infer_b16": b}, rounds=3)  # a single process
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setattr(se_overhead, "RESULTS", out)
@@ -320,6 +326,23 @@ def test_pool_files_pools_every_process_of_every_file(tmp_path, monkeypatch):
     assert len(saved["results"]["processes"]) == 3
     assert [s["file"] for s in saved["results"]["pooled_from"]] == ["a.json", "b.json"]
     assert saved["config"]["pool"] == [fa, fb]
+    assert saved["versions"] == {"torch": "2.14.1"} and saved["device"] == {"threads": 1}  # the sources', not ours
+    # the pooled file's config is what its sources measured (not the --pool command's defaults), so it pools again
+    cfg = saved["config"]
+    assert (cfg["pair"], cfg["infer_batch"], cfg["train_batch"], cfg["threads"]) == (True, [16], [], 1)
+    assert cfg["processes"] == 3 and cfg["tag"] == "_both" and cfg["rounds"] is None  # rounds: 2 vs 3, per source
+    c = _case([0.012, 0.012], [0.010, 0.010], 1.0)
+    fc = _results_file(tmp_path / "c.json", {"infer_b16": c}, rounds=2)
+    both = str(out / "se_overhead_resnet_both.json")
+    se_overhead.main(["resnet", "--pool", both, fc, "--tag", "_again"])
+    again = json.loads((out / "se_overhead_resnet_again.json").read_text())
+    r = again["results"]["infer_b16"]["ratio_to_resnet50"]["se_resnet50"]
+    assert r["per_process"] == pytest.approx([1.1, 1.3, 1.0, 1.2]) and r["rounds"] == 9
+    assert r == se_overhead.pooled_case([a1, a2, b, c])["ratio_to_resnet50"]["se_resnet50"]
+    assert again["config"]["processes"] == 4 and len(again["results"]["processes"]) == 4
+    first_source = again["results"]["pooled_from"][0]
+    assert first_source["file"] == "se_overhead_resnet_both.json"
+    assert [s["file"] for s in first_source["pooled_from"]] == ["a.json", "b.json"]  # where its processes came from
 
 
 @pytest.mark.parametrize("second, says", [
