@@ -183,11 +183,11 @@ def _cases(results: dict) -> list[str]:
 def pool_payloads(payloads: list[dict]) -> tuple[dict, list[dict], dict]:
     """(results, processes' provenance, what was measured with) of results files pooled as one run: a single
     process's file adds its cases as one process, a ``--processes`` (or ``--pool``) file each of its processes.
-    What was measured with: the ``versions`` and ``device`` of the processes that timed (the first's; pooled
-    files agree on versions, and each process keeps its own device), not those of the process that pools:
-    a ``--processes`` parent runs nothing at the target's thread count. (Files pooled before this recorded
-    the parent's device block and no device per process; such a file's own block stands in for its
-    processes.)"""
+    What was measured with: the ``versions`` and ``device`` of the processes that timed (the first process's
+    device that is known; pooled files agree on versions, and each process keeps its own device), not those of
+    the process that pools: a ``--processes`` parent runs nothing at the target's thread count. (Files pooled
+    before this recorded the parent's device block and no device per process; where no process's device is
+    known, the first file's own block stands in.)"""
     processes: list[dict] = []
     for data in payloads:
         res = data["results"]
@@ -195,7 +195,7 @@ def pool_payloads(payloads: list[dict]) -> tuple[dict, list[dict], dict]:
     results = {key: pooled_case([part for data in payloads for part in _parts(data, key)])
                for key in _cases(payloads[0]["results"])}
     measured = {"versions": payloads[0].get("versions"),
-                "device": processes[0].get("device") or payloads[0].get("device")}
+                "device": next((p["device"] for p in processes if p.get("device")), payloads[0].get("device"))}
     return results, processes, {k: v for k, v in measured.items() if v is not None}
 
 

@@ -340,6 +340,17 @@ def test_pool_files_pools_every_process_of_every_file(tmp_path, monkeypatch):
     assert r["per_process"] == pytest.approx([1.1, 1.3, 1.0, 1.2]) and r["rounds"] == 9
     assert r == se_overhead.pooled_case([a1, a2, b, c])["ratio_to_resnet50"]["se_resnet50"]
     assert again["config"]["processes"] == 4 and len(again["results"]["processes"]) == 4
+    assert again["device"] == {"threads": 1}
+    # a file pooled before processes kept their device: the first process whose device is known speaks for them
+    legacy = json.loads(Path(both).read_text())
+    legacy["device"] = {"threads": 2, "parent": True}
+    for proc in legacy["results"]["processes"]:
+        proc.pop("device", None)
+    Path(both).write_text(json.dumps(legacy))
+    se_overhead.main(["resnet", "--pool", both, fc, "--tag", "_legacy"])
+    assert json.loads((out / "se_overhead_resnet_legacy.json").read_text())["device"] == {"threads": 1}  # c's
+    se_overhead.main(["resnet", "--pool", both, "--tag", "_legacy_alone"])
+    assert json.loads((out / "se_overhead_resnet_legacy_alone.json").read_text())["device"]["parent"]
     first_source = again["results"]["pooled_from"][0]
     assert first_source["file"] == "se_overhead_resnet_both.json"
     assert [s["file"] for s in first_source["pooled_from"]] == ["a.json", "b.json"]  # where its processes came from
