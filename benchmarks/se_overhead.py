@@ -686,17 +686,33 @@ def bench_fc(args) -> dict:
 
 
 def bench_memory(args) -> dict:
-    """Bytes autograd saves in one training forward at 224x224 (senet.bench.activation_bytes)."""
+    """Bytes autograd saves in one training forward at 224x224 (senet.bench.activation_bytes); in each of
+    ``--modes`` eager (default) and compile (keys prefixed ``compile_``: what the compiled forward saves for the
+    compiled backward, after a first step compiled both)."""
     import timm
 
+    modes = args.modes or ["eager"]
+    if other := [m for m in modes if m not in ("eager", "compile")]:
+        raise SystemExit(f"memory: --modes {' '.join(other)}: this target measures eager and compile only")
     x = torch.randn(args.train_batch[0], 3, 224, 224, device=DEVICE)
-    se, plain = create_model("se_resnet50").to(DEVICE), create_model("resnet50").to(DEVICE)
-    out = {"resnet50": activation_bytes(plain, x), "se_resnet50": activation_bytes(se, x)}
-    with reference_path():
-        out["se_resnet50_unfused"] = activation_bytes(se, x)
-    out["timm_resnet50"] = activation_bytes(timm.create_model("resnet50").to(DEVICE), x)
-    out["timm_seresnet50"] = activation_bytes(timm.create_model("seresnet50").to(DEVICE), x)
-    pairs = [("se_resnet50", "resnet50"), ("se_resnet50_unfused", "resnet50"), ("timm_seresnet50", "timm_resnet50")]
+    out, pairs = {}, []
+    for mode in modes:
+        torch._dynamo.reset()
+        nets = {"resnet50": create_model("resnet50"), "se_resnet50": create_model("se_resnet50"),
+                "timm_resnet50": timm.create_model("resnet50"), "timm_seresnet50": timm.create_model("seresnet50")}
+        prefix = "" if mode == "eager" else "compile_"
+        for name, net in nets.items():
+            net = net.to(DEVICE)
+            if mode == "compile":
+                net = torch.compile(net)
+                net(x).sum().backward()  # compiled (forward and backward) before the forward that is counted
+            out[prefix + name] = activation_bytes(net, x)
+        if mode == "eager":
+            with reference_path():
+                out["se_resnet50_unfused"] = activation_bytes(nets["se_resnet50"], x)
+            pairs.append(("se_resnet50_unfused", "resnet50"))
+        pairs += [(prefix + "se_resnet50", prefix + "resnet50"), (prefix + "timm_seresnet50", prefix + "timm_resnet50"),
+                  (prefix + "se_resnet50", prefix + "timm_seresnet50")]
     res = {"batch": x.shape[0], "bytes": out, "se_over_baseline": {f"{a} / {b}": out[a] / out[b] - 1 for a, b in pairs}}
     for k, v in out.items():
         print(f"{k}: {v / 2**20:.1f} MiB")
@@ -782,8 +798,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pair", action="store_true",
                    help="resnet: se_resnet50 and resnet50 only (more rounds in the same time)")
     p.add_argument("--modes", nargs="+", choices=["eager", "channels_last", "compile", "compile_frozen"],
-                   help="timm (default: eager channels_last compile) and resnet (default: eager); compile_frozen: "
-                        "torch.compile with inductor's freezing, inference only")
+                   help="timm (default: eager channels_last compile), resnet and memory (default: eager; memory: "
+                        "eager, compile); compile_frozen: torch.compile with inductor's freezing, inference only")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)
