@@ -47,6 +47,7 @@ from senet.bench import (
     Subject,
     _timed,
     activation_bytes,
+    clustered_median_ci,
     clustered_ratio_ci,
     make_step,
     measure,
@@ -108,18 +109,6 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
 
 def median_ms(rounds: list[float]) -> float:
     return 1e3 * float(np.median(rounds))
-
-
-def clustered_median_ci(groups: list[np.ndarray], resamples: int = 2000) -> tuple[float, float, float]:
-    """The median of per-round values pooled over processes (one array per process), with a 95% interval
-    from resampling processes, then rounds within each chosen process (fixed seed)."""
-    rng = np.random.default_rng(0)
-    boot = np.empty(resamples)
-    for i in range(resamples):
-        picked = [groups[k][rng.integers(0, groups[k].size, size=groups[k].size)]
-                  for k in rng.integers(0, len(groups), size=len(groups))]
-        boot[i] = np.median(np.concatenate(picked))
-    return float(np.median(np.concatenate(groups))), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def pooled_ratio(num: list[list[float]], den: list[list[float]]) -> dict:

@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from senet.bench import BenchConfig, activation_bytes, clustered_ratio_ci, paired_ratio_ci, percentiles, run_bench
+from senet.bench import (
+    BenchConfig,
+    activation_bytes,
+    clustered_median_ci,
+    clustered_ratio_ci,
+    paired_ratio_ci,
+    percentiles,
+    run_bench,
+)
 from senet.cli import main
 
 
@@ -66,6 +74,20 @@ def test_clustered_ratio_wider_than_pooled_rounds_when_processes_differ():
     width, flat_width = (clustered_same["ci_high"] - clustered_same["ci_low"],
                          flat_same["ci_high"] - flat_same["ci_low"])
     assert 0.6 * flat_width < width < 1.6 * flat_width
+
+
+def test_clustered_median_by_hand():
+    # two processes, constant values 1 and 3 inside each: the pooled median is 2; a resample that draws one
+    # process twice has median 1 or 3, which bound the interval
+    mid, low, high = clustered_median_ci([np.full(3, 1.0), np.full(3, 3.0)])
+    assert (mid, low, high) == (2.0, 1.0, 3.0)
+    # processes are what is resampled: within-process spread alone gives a narrower interval than the same
+    # values split across processes that differ
+    rng = np.random.default_rng(1)
+    spread = [rng.normal(1.0, 0.01, 30) + shift for shift in (0.0, 0.05, -0.05, 0.1)]
+    _, lo, hi = clustered_median_ci(spread)
+    _, lo_one, hi_one = clustered_median_ci([np.concatenate(spread) - np.repeat([0.0, 0.05, -0.05, 0.1], 30)] * 4)
+    assert hi - lo > 3 * (hi_one - lo_one)
 
 
 def test_clustered_ratio_needs_two_processes_of_two_rounds():

@@ -70,6 +70,26 @@ def paired_ratio_ci(model_rounds: list[float], base_rounds: list[float], *, leve
             "ci_high": float(np.percentile(boot, 100 - tail)), "level": level, "rounds": int(m.size)}
 
 
+def _cluster_resamples(sizes: list[int], resamples: int, seed: int):
+    """The two-level bootstrap of rounds measured in several processes (``sizes``: rounds per process): per
+    resample, a list of (process, round indices), processes drawn with replacement, then rounds within each."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield [(k, rng.integers(0, sizes[k], size=sizes[k])) for k in rng.integers(0, len(sizes), size=len(sizes))]
+
+
+def clustered_median_ci(groups: list[np.ndarray], *, level: float = 0.95, resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """The median of per-round values pooled over processes (one array per process), with its interval from
+    the same two-level bootstrap as ``clustered_ratio_ci``: (median, low, high)."""
+    boot = np.empty(resamples)
+    for i, picked in enumerate(_cluster_resamples([g.size for g in groups], resamples, seed)):
+        boot[i] = np.median(np.concatenate([groups[k][idx] for k, idx in picked]))
+    tail = 100 * (1 - level) / 2
+    return float(np.median(np.concatenate(groups))), float(np.percentile(boot, tail)), float(
+        np.percentile(boot, 100 - tail))
+
+
 def clustered_ratio_ci(model_groups: list[list[float]], base_groups: list[list[float]], *, level: float = 0.95,
                        resamples: int = 2000, seed: int = 0) -> dict[str, float]:
     """``paired_ratio_ci`` over rounds measured in several processes (``groups``: one list of paired per-round
@@ -85,13 +105,11 @@ def clustered_ratio_ci(model_groups: list[list[float]], base_groups: list[list[f
         if m.shape != b.shape or m.size < 2:
             raise ValueError(f"process {k}: need >= 2 paired rounds of equal length, got {m.size} and {b.size}")
         groups.append((m, b))
-    rng = np.random.default_rng(seed)
     boot = np.empty(resamples)
-    for i in range(resamples):
+    for i, picked in enumerate(_cluster_resamples([m.size for m, _ in groups], resamples, seed)):
         num = den = 0.0
-        for k in rng.integers(0, len(groups), size=len(groups)):
+        for k, idx in picked:
             m, b = groups[k]
-            idx = rng.integers(0, m.size, size=m.size)
             num, den = num + m[idx].sum(), den + b[idx].sum()
         boot[i] = num / den
     tail = 100 * (1 - level) / 2
