@@ -13,6 +13,7 @@ threads, git revision) and the load average before and after.
     decompose  2. where se_resnet50's inference overhead goes (structure, scale, squeeze, excitation)
     timm    3. ours vs timm seresnet50, same weights: eager, channels_last, torch.compile
     fc      Linear vs 1x1-conv SE FCs in se_resnet50 (same weights), eager, vs resnet50
+    pool    senet's max pooling (native kernel) vs PyTorch's: the stem's pooling alone, and both networks
     memory  4. saved activations of a training step: SE over the baseline
     onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
 
@@ -57,6 +58,7 @@ from senet.evaluate import provenance, write_json
 from senet.flops import count_macs
 from senet.layers import create_attention, native
 from senet.layers.fused import reference_path
+from senet.layers.pool import MaxPool2d
 from senet.models import create_model
 
 CPU = torch.device("cpu")
@@ -671,6 +673,73 @@ def bench_fc(args) -> dict:
     return results
 
 
+def pytorch_pooling(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose senet ``MaxPool2d`` modules are ``nn.MaxPool2d`` with the same settings: the network
+    pooling with PyTorch's kernel, as before ``senet.layers.pool`` (same weights, same outputs)."""
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if type(m) is MaxPool2d:
+            plain = nn.MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, m.ceil_mode)
+            model.set_submodule(name, plain)
+    return model
+
+
+def pool_steps(pools: dict[str, nn.Module], x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """``<name>_forward`` (under ``no_grad``) and ``<name>_forward_backward`` of each pooling module on ``x``."""
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(pools[next(iter(pools))](x.detach()))
+
+    def forward(pool):
+        def step():
+            with torch.no_grad():
+                return pool(x)
+        return step
+
+    def training(pool):
+        def step():
+            xg.grad = None
+            pool(xg).backward(g)
+        return step
+
+    return {f"{n}_{kind}": make(pool) for kind, make in (("forward", forward), ("forward_backward", training))
+            for n, pool in pools.items()}
+
+
+def bench_pool(args) -> dict:
+    """Max pooling through senet's native kernel (``senet.layers.pool.MaxPool2d``) against PyTorch's NCHW kernel:
+    ResNet's stem pooling alone (3x3, stride 2, padding 1, 64 x 112 x 112 per image; forward under ``no_grad``
+    and forward + backward, at each ``--infer-batch``), then resnet50 and se_resnet50 with each, interleaved
+    (``--infer-batch``, ``--train-batch``)."""
+    results = {}
+    ours, theirs = MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)
+    for batch in args.infer_batch:
+        x = torch.randn(batch, 64, 112, 112, device=DEVICE).relu_()  # a ReLU's output, as in the stem
+        with torch.no_grad():
+            same = torch.equal(ours(x), theirs(x))
+        steps = pool_steps({"senet": ours, "pytorch": theirs}, x)
+        t = interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
+        res = results[f"stem_pool_b{batch}"] = {
+            "shape": [batch, 64, 112, 112], "same_output": same, "median_ms": {n: median_ms(v) for n, v in t.items()},
+            "senet_over_pytorch": {k: ratio(t[f"senet_{k}"], t[f"pytorch_{k}"])
+                                   for k in ("forward", "forward_backward")}}
+        print(f"stem pooling, batch {batch}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in res["median_ms"].items())
+              + " | senet / pytorch: " + ", ".join(f"{k} {fmt(r)}" for k, r in res["senet_over_pytorch"].items()))
+    nets = {}
+    for name in ("se_resnet50", "resnet50"):
+        nets[name] = create_model(name)
+        nets[name + "_pytorch_pool"] = pytorch_pooling(nets[name])
+    for key, cfg, batch in network_cases(args):
+        res = results[key] = run_subjects(nets, cfg, batch)
+        r = res["per_round_s"]
+        res["senet_pool_vs_pytorch_pool"] = {n: ratio(r[n], r[n + "_pytorch_pool"])
+                                             for n in ("se_resnet50", "resnet50")}
+        res["se_over_plain"] = {p: ratio(r["se_resnet50" + p], r["resnet50" + p]) for p in ("", "_pytorch_pool")}
+        print("  senet pooling / PyTorch's: " + ", ".join(
+            f"{n} {fmt(v)}" for n, v in res["senet_pool_vs_pytorch_pool"].items()) + " | se_resnet50 / resnet50: "
+            + ", ".join(f"{p or 'senet pooling'} {fmt(v)}" for p, v in res["se_over_plain"].items()))
+    return results
+
+
 # ----------------------------------------------------------------------------- 4. memory, 5. onnx
 
 
@@ -771,7 +840,7 @@ def check_device(parser: argparse.ArgumentParser, args) -> torch.device:
 
 
 TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose, "timm": bench_timm,
-           "fc": bench_fc, "memory": bench_memory, "onnx": bench_onnx}
+           "fc": bench_fc, "pool": bench_pool, "memory": bench_memory, "onnx": bench_onnx}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -386,3 +386,40 @@ def test_pool_flag_goes_alone_with_resnet_or_timm(argv, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         se_overhead.main(argv)
     assert e.value.code == 2 and "--pool: pools results files of the resnet or timm target" in capsys.readouterr().err
+
+
+def test_pool_target_sets_senets_pooling_against_pytorchs(tmp_path, monkeypatch):
+    import json
+
+    from senet.layers.pool import MaxPool2d
+    from senet.models import ResNet
+
+    built = {}
+
+    def small(name):
+        built[name] = ResNet("bottleneck", [1, 1, 1, 1], attn="se" if name.startswith("se_") else None)
+        return built[name]
+
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "create_model", small)
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["pool", "--infer-batch", "1", "--train-batch", "--rounds", "2", "--iters", "1", "--warmup", "1",
+                      "--tag", "_test"])
+    saved = json.loads((tmp_path / "se_overhead_pool_test.json").read_text())["results"]
+    stem = saved["stem_pool_b1"]
+    assert stem["same_output"] is True and stem["shape"] == [1, 64, 112, 112]
+    assert set(stem["median_ms"]) == {"senet_forward", "pytorch_forward", "senet_forward_backward",
+                                      "pytorch_forward_backward"}
+    assert all(r["ratio"] > 0 for r in stem["senet_over_pytorch"].values())
+    nets = saved["infer_b1"]
+    assert sorted(nets["per_round_s"]) == ["resnet50", "resnet50_pytorch_pool", "se_resnet50",
+                                           "se_resnet50_pytorch_pool"]
+    assert set(nets["senet_pool_vs_pytorch_pool"]) == {"se_resnet50", "resnet50"} and "train_b16" not in saved
+    # the "before" networks: copies pooling with PyTorch's module, same outputs, the originals untouched
+    model = built["se_resnet50"].eval()
+    before = se_overhead.pytorch_pooling(model)
+    assert type(before.maxpool) is torch.nn.MaxPool2d and type(model.maxpool) is MaxPool2d
+    assert (before.maxpool.kernel_size, before.maxpool.stride, before.maxpool.padding) == (3, 2, 1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(before(x), model(x))

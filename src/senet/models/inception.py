@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from senet.layers._common import NoScript, shapes_unchecked
+from senet.layers.pool import MaxPool2d
 
 from ._attn import AttnFactory, stage_attention
 from ._head import PooledClassifier, check_images
@@ -72,9 +73,9 @@ class InceptionModule(NoScript, nn.Module):
         self.branch3x3 = nn.Sequential(_same(cin, c3r), _same(c3r, c3, 3, stride))
         self.branch3x3dbl = nn.Sequential(_same(cin, cdr), _same(cdr, cd, 3), _same(cd, cd, 3, stride))
         if stride == 2:  # pass-through: Caffe's 3x3/2 max-pool, ceil mode
-            self.branch_pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+            self.branch_pool = MaxPool2d(3, 2, ceil_mode=True)
         else:
-            pooling = nn.AvgPool2d(3, 1, 1) if pool == "avg" else nn.MaxPool2d(3, 1, 1)
+            pooling = nn.AvgPool2d(3, 1, 1) if pool == "avg" else MaxPool2d(3, 1, 1)
             self.branch_pool = nn.Sequential(pooling, _same(cin, proj))
         self.out_channels = c1 + c3 + cd + (proj if stride == 1 else cin)
         self.attn = make_attn(self.out_channels)
@@ -99,8 +100,8 @@ class BNInception(PooledClassifier):
         super().__init__()
         factories = stage_attention(attn, attn_kwargs, attn_stages, len(_BN_STAGES))
         self.stem = nn.Sequential(
-            _same(in_chans, 64, 7, 2), nn.MaxPool2d(3, 2, ceil_mode=True),  # (B, 64, H/4, W/4)
-            _same(64, 64), _same(64, 192, 3), nn.MaxPool2d(3, 2, ceil_mode=True),  # (B, 192, H/8, W/8)
+            _same(in_chans, 64, 7, 2), MaxPool2d(3, 2, ceil_mode=True),  # (B, 64, H/4, W/4)
+            _same(64, 64), _same(64, 192, 3), MaxPool2d(3, 2, ceil_mode=True),  # (B, 192, H/8, W/8)
         )
         rows, cin = {r[0]: r[1:] for r in _BN_INCEPTION}, 192
         self.feature_info = []
@@ -216,22 +217,22 @@ class InceptionResNetV2(NoScript, nn.Module):
         self.conv2d_1a = _cbn(in_chans, 32, 3, 2)  # 299 -> 149 ("valid" convs from here to 4a)
         self.conv2d_2a = _cbn(32, 32, 3)  # 147
         self.conv2d_2b = _cbn(32, 64, 3, 1, 1)
-        self.maxpool_3a = nn.MaxPool2d(3, 2)  # 73
+        self.maxpool_3a = MaxPool2d(3, 2)  # 73
         self.conv2d_3b = _cbn(64, 80, 1)
         self.conv2d_4a = _cbn(80, 192, 3)  # 71
-        self.maxpool_5a = nn.MaxPool2d(3, 2)  # 35
+        self.maxpool_5a = MaxPool2d(3, 2)  # 35
         self.mixed_5b = Mixed5b()  # (B, 320, 35, 35)
         self.repeat = nn.Sequential(*[_block35(a) for _ in range(10)])
         self.mixed_6a = Reduction([  # Reduction-A, k = 256, l = 256, m = n = 384 (paper Table 1) -> 1088 @ 17
             _cbn(320, 384, 3, 2),
             nn.Sequential(_cbn(320, 256, 1), _cbn(256, 256, 3, 1, 1), _cbn(256, 384, 3, 2)),
-            nn.MaxPool2d(3, 2)])
+            MaxPool2d(3, 2)])
         self.repeat_1 = nn.Sequential(*[_block17(b) for _ in range(20)])
         self.mixed_7a = Reduction([  # Reduction-B -> 2080 @ 8
             nn.Sequential(_cbn(1088, 256, 1), _cbn(256, 384, 3, 2)),
             nn.Sequential(_cbn(1088, 256, 1), _cbn(256, 288, 3, 2)),
             nn.Sequential(_cbn(1088, 256, 1), _cbn(256, 288, 3, 1, 1), _cbn(288, 320, 3, 2)),
-            nn.MaxPool2d(3, 2)])
+            MaxPool2d(3, 2)])
         self.repeat_2 = nn.Sequential(*[_block8(c) for _ in range(9)])
         self.block8 = _block8(c, scale=1.0, relu=False)  # the tenth, unscaled and without ReLU
         self.conv2d_7b = _cbn(2080, 1536, 1)

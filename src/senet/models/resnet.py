@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from senet.layers.pool import MaxPool2d
+
 from ._attn import AttnFactory, AttnUnit, conv_bn_relu, stage_attention
 from ._head import PooledClassifier
 from .registry import ECA_PAPER, RESNET_PAPER, SENET_PAPER, register_model
@@ -162,7 +164,7 @@ class ResNet(PooledClassifier):
         self.conv1 = _stem(in_chans, width, deep_stem)  # (B, width, H/2, W/2)
         self.bn1 = nn.BatchNorm2d(width)
         self.act = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 0, ceil_mode=True) if pool_ceil else nn.MaxPool2d(3, 2, 1)
+        self.maxpool = MaxPool2d(3, 2, 0, ceil_mode=True) if pool_ceil else MaxPool2d(3, 2, 1)
         self.feature_info = []
         cin = width
         for i, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):

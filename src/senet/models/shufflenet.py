@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from senet.layers._common import NoScript
+from senet.layers.pool import MaxPool2d
 
 from ._attn import AttnFactory, stage_attention
 from ._head import PooledClassifier
@@ -86,7 +87,7 @@ class ShuffleNetV1(PooledClassifier):
         factories = stage_attention(attn, attn_kwargs, attn_stages, 3)
         stem = 24 if width_mult >= 1 else max(groups, int(24 * width_mult) // groups * groups)
         self.conv1 = nn.Sequential(*_conv_bn(in_chans, stem, 3, 2), nn.ReLU(inplace=True))  # (B, 24, H/2, W/2)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)  # (B, 24, H/4, W/4)
+        self.maxpool = MaxPool2d(3, 2, 1)  # (B, 24, H/4, W/4)
         self.feature_info, cin = [], stem
         for k, (width, depth) in enumerate(zip(_WIDTHS[groups], _DEPTHS, strict=True)):
             cout = int(width * width_mult) // (4 * groups) * (4 * groups)  # bottleneck cout/4 splits into g

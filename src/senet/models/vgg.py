@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from senet.layers._common import NoScript
+from senet.layers.pool import MaxPool2d
 
 from ._attn import AttnFactory, stage_attention
 from ._head import check_images
@@ -52,7 +53,7 @@ def _block(cin: int, widths: Sequence[int], batch_norm: bool, make_attn: AttnFac
             layers.append(nn.BatchNorm2d(cout))
         layers.append(ActAttn(make_attn(cout)) if i == len(widths) - 1 else nn.ReLU(inplace=True))
         cin = cout
-    return layers + [nn.MaxPool2d(2, 2)]
+    return layers + [MaxPool2d(2, 2)]
 
 
 class VGG(NoScript, nn.Module):
