@@ -140,16 +140,21 @@ def test_max_pooling_refuses_what_pytorch_refuses():
 
 
 @needs_kernels
-def test_max_pooling_in_training_guards_like_pytorch():
+def test_max_pooling_in_training_refuses_double_backward_and_keeps_its_positions():
     x = tricky(2, 3, 9, 9).requires_grad_()
     y = MaxPool2d(3, 2, 1)(x * 1)
     with pytest.raises(RuntimeError, match="create_graph"):  # double backward: refused, never wrong
         torch.autograd.grad(y.sum(), x, create_graph=True)
-    h = x * 1
-    y = MaxPool2d(3, 2, 1)(h)
-    h.add_(1)  # the input changed after forward: autograd says so, as it does for PyTorch's pooling
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
+    # the input changed after forward: the gradient still goes to forward's maxima (PyTorch's pooling keeps the
+    # input and refuses instead; senet's keeps only the positions, one byte per output)
+    h, hr = x * 1, x * 1
+    y, yr = MaxPool2d(3, 2, 1)(h), nn.MaxPool2d(3, 2, 1)(hr)
+    with torch.no_grad():
+        h.mul_(-1)
+    g = torch.randn(y.shape)
+    (got,) = torch.autograd.grad(y, x, g)
+    (want,) = torch.autograd.grad(yr, x, g)
+    assert torch.equal(got, want)
 
 
 @needs_kernels

@@ -1,5 +1,5 @@
 """Native CPU kernels: a residual unit's whole end in eager inference in one call; the SE block alone in one call
-forward and one backward, in training too (``se_scale_train``).
+forward and one backward, in training too (``se_scale_train``); max pooling (``max_pool2d``, ``senet.layers.pool``).
 
 With PyTorch's ops as the unit of work, an SE-ResNet unit ends (in inference) in ``x = bn(c)``, a squeeze
 ``mean_hw x``, six small excitation calls and ``relu(x * s + shortcut)``: ten calls and four passes over
@@ -549,62 +549,104 @@ void senet_max_pool2d(const float *x, float *y, long P, long H, long W, long OH,
     }
 }
 
-/* dx = the gradient of max pooling (as senet_max_pool2d) given g = dL/dy: each output's gradient added at its
-   window's maximum as PyTorch picks it (scanning the window row by row: a larger value or a NaN takes over, so the
-   first maximum, or the last NaN). dx is zeroed here. work: nt x OW x 2 floats-sized slots (values, positions). */
-void senet_max_pool2d_backward(const float *x, const float *g, float *dx, long P, long H, long W, long OH, long OW,
-                               long kh, long kw, long sh, long sw, long ph, long pw, float *work, int nt) {
+/* The windows of one input row r (W floats) for every output column: hv[ow] = the maximum of r over columns
+   ow * sw - pw + dw, 0 <= dw < kw, inside the row, hc[ow] = that dw; the first maximum, or the last NaN (scanning in
+   order, a larger value or a NaN takes over). Output columns [lo, hi) have their whole window inside the row. */
+static inline __attribute__((always_inline)) void row_windows(const float *r, float *hv, int *hc, long W,
+                                                             long OW, long lo, long hi, long kw, long sw, long pw) {
+    for (long ow = 0; ow < OW; ++ow) {  /* the edge columns, clipped */
+        if (ow == lo) ow = hi;
+        if (ow >= OW) break;
+        long w0 = ow * sw - pw, w = w0 < 0 ? 0 : w0, w1 = w0 + kw < W ? w0 + kw : W;
+        float m = r[w];
+        long at = w;
+        for (++w; w < w1; ++w)
+            if (r[w] > m || r[w] != r[w]) { m = r[w]; at = w; }
+        hv[ow] = m;
+        hc[ow] = (int)(at - w0);
+    }
+    const float *r0 = r - pw;
+    #pragma omp simd
+    for (long o = lo; o < hi; ++o) {
+        float m = r0[o * sw];
+        int c = 0;
+        for (long dw = 1; dw < kw; ++dw) {
+            float v = r0[o * sw + dw];
+            int take = v > m || v != v;
+            m = take ? v : m;
+            c = take ? (int)dw : c;
+        }
+        hv[o] = m;
+        hc[o] = c;
+    }
+}
+
+/* senet_max_pool2d that also gives each output's position in its window, at = dh * kw + dw (from the window's
+   unclipped origin), as PyTorch picks it: scanning the window row by row, a larger value or a NaN takes over (the
+   first maximum, or the last NaN). Each row's windows first (row_windows), then the rows in order by the same
+   rule: the same choice. kh * kw <= 256. work: nt x OW x 4 floats. */
+void senet_max_pool2d_argmax(const float *x, float *y, unsigned char *at, long P, long H, long W, long OH, long OW,
+                             long kh, long kw, long sh, long sw, long ph, long pw, float *work, int nt) {
     long lo = (pw + sw - 1) / sw, hi = W - kw + pw >= 0 ? (W - kw + pw) / sw + 1 : 0;
     if (hi > OW) hi = OW;
     if (lo > hi) lo = hi;
     #pragma omp parallel num_threads(nt) if(nt > 1 && P * H * W > 32768)
     {
 #ifdef _OPENMP
-        float *m = work + (long)omp_get_thread_num() * 2 * OW;
+        float *hv = work + (long)omp_get_thread_num() * 4 * OW;
 #else
-        float *m = work;
+        float *hv = work;
 #endif
-        int *at = (int *)(m + OW);  /* the maximum's position in the plane, per output column */
+        float *best = hv + OW;
+        int *hc = (int *)(hv + 2 * OW), *pos = (int *)(hv + 3 * OW);
         #pragma omp for schedule(static)
         for (long p = 0; p < P; ++p) {
-            const float *xp = x + p * H * W, *gp = g + p * OH * OW;
-            float *dp = dx + p * H * W;
-            memset(dp, 0, H * W * sizeof(float));
+            const float *xp = x + p * H * W;
             for (long oh = 0; oh < OH; ++oh) {
-                long h0 = oh * sh - ph, h1 = h0 + kh;
-                if (h0 < 0) h0 = 0;
-                if (h1 > H) h1 = H;
-                for (long ow = 0; ow < OW; ++ow) {
-                    long w0 = ow * sw - pw;
-                    m[ow] = -INFINITY;
-                    at[ow] = (int)(h0 * W + (w0 < 0 ? 0 : w0));
-                }
-                for (long h = h0; h < h1; ++h) {
+                long h0 = oh * sh - ph, h = h0 < 0 ? 0 : h0, h1 = h0 + kh < H ? h0 + kh : H;
+                float *yr = y + (p * OH + oh) * OW;
+                unsigned char *ar = at + (p * OH + oh) * OW;
+                for (long first = 1; h < h1; ++h, first = 0) {
                     const float *r = xp + h * W;
-                    for (long dw = 0; dw < kw; ++dw) {  /* the interior columns, vectorised */
-                        #pragma omp simd
-                        for (long o = lo; o < hi; ++o) {
-                            long w = o * sw - pw + dw;
-                            float v = r[w];
-                            int take = v > m[o] || v != v;
-                            m[o] = take ? v : m[o];
-                            at[o] = take ? (int)(h * W + w) : at[o];
-                        }
+                    if (sw == 2 && kw == 3) row_windows(r, hv, hc, W, OW, lo, hi, 3, 2, pw);
+                    else if (sw == 1) row_windows(r, hv, hc, W, OW, lo, hi, kw, 1, pw);
+                    else row_windows(r, hv, hc, W, OW, lo, hi, kw, sw, pw);
+                    int dh = (int)((h - h0) * kw);
+                    if (first) {
+                        for (long ow = 0; ow < OW; ++ow) { best[ow] = hv[ow]; pos[ow] = dh + hc[ow]; }
+                        continue;
                     }
-                    for (long ow = 0; ow < OW; ++ow) {  /* the edge columns */
-                        if (ow == lo) ow = hi > lo ? hi : lo;
-                        if (ow >= OW) break;
-                        long w0 = ow * sw - pw, w1 = w0 + kw;
-                        if (w0 < 0) w0 = 0;
-                        if (w1 > W) w1 = W;
-                        for (long w = w0; w < w1; ++w) {
-                            float v = r[w];
-                            if (v > m[ow] || v != v) { m[ow] = v; at[ow] = (int)(h * W + w); }
-                        }
+                    #pragma omp simd
+                    for (long ow = 0; ow < OW; ++ow) {
+                        float v = hv[ow];
+                        int take = v > best[ow] || v != v;
+                        best[ow] = take ? v : best[ow];
+                        pos[ow] = take ? dh + hc[ow] : pos[ow];
                     }
                 }
-                const float *gr = gp + oh * OW;
-                for (long ow = 0; ow < OW; ++ow) dp[at[ow]] += gr[ow];
+                for (long ow = 0; ow < OW; ++ow) { yr[ow] = best[ow]; ar[ow] = (unsigned char)pos[ow]; }
+            }
+        }
+    }
+}
+
+/* dx = the gradient of max pooling given g = dL/dy and senet_max_pool2d_argmax's positions: each output's gradient
+   added at its window's maximum (overlapping windows add up). dx is zeroed here. kh * kw <= 256. */
+void senet_max_pool2d_backward(const float *g, const unsigned char *at, float *dx, long P, long H, long W, long OH,
+                               long OW, long kh, long kw, long sh, long sw, long ph, long pw, int nt) {
+    long dh[256], dw[256];  /* a position's row and column in its window, without a division per output */
+    for (long i = 0; i < kh * kw; ++i) { dh[i] = i / kw; dw[i] = i % kw; }
+    #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && P * H * W > 32768)
+    for (long p = 0; p < P; ++p) {
+        const float *gp = g + p * OH * OW;
+        const unsigned char *ap = at + p * OH * OW;
+        float *dp = dx + p * H * W;
+        memset(dp, 0, H * W * sizeof(float));
+        for (long oh = 0; oh < OH; ++oh) {
+            long origin = (oh * sh - ph) * W - pw;  /* the windows' unclipped origin: their row, column -pw */
+            for (long ow = 0; ow < OW; ++ow) {
+                unsigned char a = ap[oh * OW + ow];
+                dp[origin + dh[a] * W + ow * sw + dw[a]] += gp[oh * OW + ow];
             }
         }
     }
@@ -619,7 +661,8 @@ _SIGNATURES = {
     "senet_se_scale": [_P] * 6 + [_L] * 4 + [_P, _I],
     "senet_se_scale_backward": [_P] * 12 + [_L] * 4 + [_P, _I],
     "senet_max_pool2d": [_P] * 2 + [_L] * 11 + [_P, _I],
-    "senet_max_pool2d_backward": [_P] * 3 + [_L] * 11 + [_P, _I],
+    "senet_max_pool2d_argmax": [_P] * 3 + [_L] * 11 + [_P, _I],
+    "senet_max_pool2d_backward": [_P] * 3 + [_L] * 11 + [_I],
 }
 
 _lock = threading.Lock()
@@ -1029,8 +1072,8 @@ def _pool_geometry(pool: nn.Module, x: torch.Tensor) -> tuple | None:
     if k is None or s is None or p is None or d != (1, 1) or pool.return_indices:
         return None
     (kh, kw), (sh, sw), (ph, pw) = k, s, p
-    if min(kh, kw, sh, sw) < 1 or not (0 <= ph <= kh // 2 and 0 <= pw <= kw // 2):
-        return None
+    if min(kh, kw, sh, sw) < 1 or not (0 <= ph <= kh // 2 and 0 <= pw <= kw // 2) or kh * kw > 256:
+        return None  # (a position in a window is one byte)
     H, W = x.shape[2], x.shape[3]
     ceil = bool(pool.ceil_mode)
     oh, ow = _pooled_size(H, kh, sh, ph, ceil), _pooled_size(W, kw, sw, pw, ceil)
@@ -1049,37 +1092,40 @@ def _max_pool_forward(x: torch.Tensor, lib: ctypes.CDLL, nt: int, geometry: tupl
 
 
 class _MaxPool2d(torch.autograd.Function):
-    """Max pooling in training: forward one native call, keeping ``x`` (which the ReLU before a stem's pooling
-    keeps anyway) instead of PyTorch's int64 indices; backward finds each window's maximum again, by PyTorch's
-    rule, and adds the gradient there (``senet_max_pool2d_backward``). Shapes: x (B, C, H, W)."""
+    """Max pooling in training, forward and backward each one native call: forward gives each output's position
+    in its window as PyTorch picks it (``senet_max_pool2d_argmax``; one byte each, where PyTorch keeps an int64
+    index), backward adds the gradient there (``senet_max_pool2d_backward``). Shapes: x (B, C, H, W)."""
 
     @staticmethod
     def forward(ctx, x, lib, nt, geometry):
-        ctx.lib, ctx.geometry = lib, geometry
-        ctx.save_for_backward(x)
-        return _max_pool_forward(x, lib, nt, geometry)
+        n, ch, h, w = x.shape
+        oh, ow = geometry[:2]
+        y = x.new_empty(n, ch, oh, ow)
+        at = torch.empty(n, ch, oh, ow, dtype=torch.uint8, device=x.device)
+        work = x.new_empty(4 * nt * ow)
+        lib.senet_max_pool2d_argmax(x.data_ptr(), y.data_ptr(), at.data_ptr(), n * ch, h, w, *geometry, work.data_ptr(),
+                                    nt)
+        ctx.lib, ctx.geometry, ctx.shape = lib, geometry, x.shape
+        ctx.save_for_backward(at)
+        return y
 
     @staticmethod
     @_first_order_only  # no graph kept: double backward raises (fused._DOUBLE_BACKWARD)
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        n, ch, h, w = x.shape
-        oh, ow = ctx.geometry[:2]
+        (at,) = ctx.saved_tensors
+        n, ch, h, w = ctx.shape
         g = g.contiguous()
         nt = _threads() or 1  # the thread count may have changed since forward; one thread is always right
-        dx = torch.empty_like(x)
-        work = x.new_empty(2 * nt * ow)
-        ctx.lib.senet_max_pool2d_backward(x.data_ptr(), g.data_ptr(), dx.data_ptr(), n * ch, h, w, *ctx.geometry,
-                                          work.data_ptr(), nt)
+        dx = g.new_empty(ctx.shape)
+        ctx.lib.senet_max_pool2d_backward(g.data_ptr(), at.data_ptr(), dx.data_ptr(), n * ch, h, w, *ctx.geometry, nt)
         return dx, None, None, None
 
 
 def max_pool2d(pool: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``pool(x)`` for an ``nn.MaxPool2d`` in one native call (in training, backward too: ``_MaxPool2d``), or None
-    where it does not apply: float32 contiguous NCHW CPU tensors, dilation 1, no indices returned. The same values
-    as PyTorch's (NaN wins a window) and the gradient at the same positions (the first maximum of a window, the
-    last NaN); ResNet's stem (3x3, stride 2, 64x112x112): ~18x faster forward, ~4x backward than PyTorch's NCHW
-    kernel on one thread here (docs/performance.md). The caller has checked: eager mode, fast path enabled."""
+    where it does not apply: float32 contiguous NCHW CPU tensors, dilation 1, windows of at most 256 elements, no
+    indices returned. The same values as PyTorch's (NaN wins a window) and the gradient at the same positions (the
+    first maximum of a window, the last NaN). The caller has checked: eager mode, fast path enabled."""
     lib = _state["lib"] if _state["tried"] else library()
     if lib is None or _off or not _fits(x) or x.numel() == 0:
         return None
