@@ -496,16 +496,22 @@ void senet_se_scale_backward(const float *g, const float *x, const float *z, con
    winning (as PyTorch's CPU max pooling) */
 static inline float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
 
+/* [lo, hi): the output columns whose pooling window (kw wide, stride sw, from -pw) lies inside a row of W */
+static void interior_columns(long W, long OW, long kw, long sw, long pw, long *lo, long *hi) {
+    *hi = W - kw + pw >= 0 ? (W - kw + pw) / sw + 1 : 0;
+    if (*hi > OW) *hi = OW;
+    *lo = (pw + sw - 1) / sw;
+    if (*lo > *hi) *lo = *hi;
+}
+
 /* Max pooling of P planes (H x W floats each) into OH x OW: windows kh x kw at strides sh, sw starting at
    -ph, -pw, clipped to the plane (PyTorch's -inf padding; dilation 1). Each output row: the max over the
    window's rows into a row buffer (contiguous, vectorised), then over each window's columns.
    rows: nt x W floats. */
 void senet_max_pool2d(const float *x, float *y, long P, long H, long W, long OH, long OW, long kh, long kw,
                       long sh, long sw, long ph, long pw, float *rows, int nt) {
-    /* the output columns whose window lies inside the plane: [lo, hi) */
-    long lo = (pw + sw - 1) / sw, hi = W - kw + pw >= 0 ? (W - kw + pw) / sw + 1 : 0;
-    if (hi > OW) hi = OW;
-    if (lo > hi) lo = hi;
+    long lo, hi;
+    interior_columns(W, OW, kw, sw, pw, &lo, &hi);
     #pragma omp parallel num_threads(nt) if(nt > 1 && P * H * W > 32768)
     {
 #ifdef _OPENMP
@@ -587,9 +593,8 @@ static inline __attribute__((always_inline)) void row_windows(const float *r, fl
    rule: the same choice. kh * kw <= 256. work: nt x OW x 4 floats. */
 void senet_max_pool2d_argmax(const float *x, float *y, unsigned char *at, long P, long H, long W, long OH, long OW,
                              long kh, long kw, long sh, long sw, long ph, long pw, float *work, int nt) {
-    long lo = (pw + sw - 1) / sw, hi = W - kw + pw >= 0 ? (W - kw + pw) / sw + 1 : 0;
-    if (hi > OW) hi = OW;
-    if (lo > hi) lo = hi;
+    long lo, hi;
+    interior_columns(W, OW, kw, sw, pw, &lo, &hi);
     #pragma omp parallel num_threads(nt) if(nt > 1 && P * H * W > 32768)
     {
 #ifdef _OPENMP
@@ -1077,18 +1082,26 @@ def _pool_geometry(pool: nn.Module, x: torch.Tensor) -> tuple | None:
     H, W = x.shape[2], x.shape[3]
     ceil = bool(pool.ceil_mode)
     oh, ow = _pooled_size(H, kh, sh, ph, ceil), _pooled_size(W, kw, sw, pw, ceil)
-    if oh < 1 or ow < 1 or H * W >= 2**31:
+    if oh < 1 or ow < 1:
         return None
     return oh, ow, kh, kw, sh, sw, ph, pw
 
 
-def _max_pool_forward(x: torch.Tensor, lib: ctypes.CDLL, nt: int, geometry: tuple) -> torch.Tensor:
+def _max_pool_forward(x: torch.Tensor, lib: ctypes.CDLL, nt: int, geometry: tuple,
+                      positions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, at): the pooled ``x`` and, with ``positions``, each output's position in its window (uint8, for
+    backward: ``senet_max_pool2d_argmax``), else None (``senet_max_pool2d``, values only)."""
     n, ch, h, w = x.shape
     oh, ow = geometry[:2]
     y = x.new_empty(n, ch, oh, ow)
-    rows = x.new_empty(nt * w)
-    lib.senet_max_pool2d(x.data_ptr(), y.data_ptr(), n * ch, h, w, *geometry, rows.data_ptr(), nt)
-    return y
+    if not positions:
+        rows = x.new_empty(nt * w)
+        lib.senet_max_pool2d(x.data_ptr(), y.data_ptr(), n * ch, h, w, *geometry, rows.data_ptr(), nt)
+        return y, None
+    at = torch.empty(n, ch, oh, ow, dtype=torch.uint8, device=x.device)
+    work = x.new_empty(4 * nt * ow)
+    lib.senet_max_pool2d_argmax(x.data_ptr(), y.data_ptr(), at.data_ptr(), n * ch, h, w, *geometry, work.data_ptr(), nt)
+    return y, at
 
 
 class _MaxPool2d(torch.autograd.Function):
@@ -1098,13 +1111,7 @@ class _MaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lib, nt, geometry):
-        n, ch, h, w = x.shape
-        oh, ow = geometry[:2]
-        y = x.new_empty(n, ch, oh, ow)
-        at = torch.empty(n, ch, oh, ow, dtype=torch.uint8, device=x.device)
-        work = x.new_empty(4 * nt * ow)
-        lib.senet_max_pool2d_argmax(x.data_ptr(), y.data_ptr(), at.data_ptr(), n * ch, h, w, *geometry, work.data_ptr(),
-                                    nt)
+        y, at = _max_pool_forward(x, lib, nt, geometry, positions=True)
         ctx.lib, ctx.geometry, ctx.shape = lib, geometry, x.shape
         ctx.save_for_backward(at)
         return y
@@ -1134,4 +1141,4 @@ def max_pool2d(pool: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaxPool2d.apply(x, lib, nt, geometry)
-    return _max_pool_forward(x, lib, nt, geometry)
+    return _max_pool_forward(x, lib, nt, geometry)[0]
