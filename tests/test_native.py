@@ -64,7 +64,8 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 24, 9, 3), (5, 37, 5, 6)]
+SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 24, 9, 3), (5, 37, 5, 6),
+          (1, 40, 5, 20)]
 
 
 @needs_kernels
@@ -72,7 +73,8 @@ SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 
 @pytest.mark.parametrize("n,ch,hw,hidden", SHAPES)
 def test_kernels_compute_the_formula(n, ch, hw, hidden, threads):
     # batch 1 and 16, 7x7 and 1x1 maps, channel and hidden counts that are not multiples of the vector width
-    # or of four (the products go four rows at a time), BN with and without affine terms, FCs with and without bias
+    # or of four (the products go four or a vector width of rows at a time, with rows of 40 and 20 floats
+    # that end part-way through a vector), BN with and without affine terms, FCs with and without bias
     with torch_threads(threads):
         for affine, bias in [(True, True), (False, False)]:
             bn, se = random_bn(ch, affine), random_se(ch, hidden=hidden, bias=bias)
