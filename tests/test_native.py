@@ -4,7 +4,6 @@ against PyTorch's ops; where they must step aside; and how they are built (cache
 import contextlib
 import copy
 import shutil
-import threading
 import warnings
 
 import pytest
@@ -479,41 +478,6 @@ def test_squeeze_through_the_conv_computes_the_formula(n, ch_in, ch, hw, hidden,
     with torch_threads(threads), torch.inference_mode():
         from_mean = native.se_unit_end(se, bn, c, sc, conv_in=(conv, torch.zeros_like(h)), h_mean=h.mean((2, 3)))
     torch.testing.assert_close(from_mean.double(), want, atol=2e-5, rtol=2e-5)
-
-
-def test_scratch_is_one_buffer_per_thread_grown_as_needed(monkeypatch):
-    monkeypatch.setattr(native, "_scratch", threading.local())
-    small = native._work(10)
-    assert native._work(100) == small and native._scratch.buf.numel() == 4096  # the first buffer: 4 Ki floats
-    big = native._work(5000)
-    assert native._scratch.buf.numel() == 5000 and native._scratch.buf.data_ptr() == big
-    assert native._work(10) == big  # kept at its largest
-    other = []
-    worker = threading.Thread(target=lambda: other.append((native._work(10), native._scratch.buf)))
-    worker.start()
-    worker.join()
-    assert other[0][0] == other[0][1].data_ptr() and other[0][0] != big  # its own buffer, not this thread's
-
-
-@needs_kernels
-def test_kernels_right_as_the_scratch_grows_and_results_outlive_it(monkeypatch):
-    # each call's working space is the thread's scratch: a call needing more than the last grows it (a new
-    # buffer) and must still be right; what a call returns (bn_relu's means) lives in its own tensor, untouched
-    # by the calls after it
-    monkeypatch.setattr(native, "_scratch", threading.local())
-    bn_small, bn_big = random_bn(8), random_bn(512)
-    se_big = random_se(512, hidden=32)
-    c_small, c_big, sc_big = torch.randn(1, 8, 5, 5), torch.randn(16, 512, 3, 3), torch.randn(16, 512, 3, 3)
-    with torch.inference_mode():
-        y, mean = native.bn_relu(bn_small, c_small, mean=True)
-        first = native._scratch.buf.data_ptr()
-        got = native.se_unit_end(se_big, bn_big, c_big, sc_big)  # 3 B C + B R + 2 C floats: 26112 > 4096
-        assert native._scratch.buf.data_ptr() != first
-        again = native.se_unit_end(se_big, bn_big, c_big, sc_big)
-    want = F.relu(formula(bn_small, None, c_small))
-    torch.testing.assert_close(mean.double(), want.mean((2, 3)), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.double(), formula(bn_big, se_big, c_big, sc_big), atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
 @needs_kernels

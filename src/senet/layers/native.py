@@ -877,21 +877,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-_scratch = threading.local()
-
-
-def _work(n: int) -> int:
-    """The address of ``n`` float32 of scratch for one kernel call on this thread: its working space, dead when the
-    call returns (nothing it leaves there is read after). One buffer per thread, grown as needed, instead of a fresh
-    tensor per call: at batch 1 an allocation costs 10-20 us between convolutions (the allocator's and the
-    dispatcher's data are out of the caches by then), ~50 calls a forward in a ResNet-50."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, 1 << 12), dtype=_F32)  # 4 Ki floats: every small call's need at once
-        _scratch.buf = buf
-    return buf.data_ptr()
-
-
 def _threads() -> int | None:
     """Threads for a call: torch's count with OpenMP; 1 when the library is serial and torch runs one
     thread; None (decline) when it is serial and torch runs more (PyTorch's ops would use them)."""
@@ -960,8 +945,9 @@ def bn_add_relu(bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor, inplace:
     lib, nt, (w, b, rm, rv) = call
     n, ch, h, wd = c.shape
     y = c if inplace else torch.empty_like(c)
+    tmp = c.new_empty(2 * ch)
     lib.senet_bn_add_relu(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
-                          _ptr(w), _ptr(b), bn.eps, n, ch, h * wd, _work(2 * ch), nt)
+                          _ptr(w), _ptr(b), bn.eps, n, ch, h * wd, tmp.data_ptr(), nt)
     return y
 
 
@@ -977,9 +963,10 @@ def bn_relu(bn: nn.Module, c: torch.Tensor, inplace: bool = False,
     lib, nt, (w, b, rm, rv) = call
     n, ch, h, wd = c.shape
     y = c if inplace else torch.empty_like(c)
-    hm = c.new_empty(n, ch) if mean else None
+    tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
+    hm = tmp[2 * ch:].view(n, ch) if mean else None
     lib.senet_bn_relu(c.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(w), _ptr(b), bn.eps,
-                      n, ch, h * wd, _ptr(hm), _work(2 * ch), nt)
+                      n, ch, h * wd, _ptr(hm), tmp.data_ptr(), nt)
     return y, hm
 
 
@@ -1031,10 +1018,10 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     y = c if inplace else torch.empty_like(c)
     hin, w3, b3, h_mean = (None,) * 4 if conv_in is None else _through_conv(*conv_in, c, h_mean)
     ch_in = 0 if w3 is None else w3.shape[1]
-    tmp = _work(3 * n * ch + n * r + 2 * ch + n * ch_in)
+    tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
-                          n, ch, r, h * wd, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, _ptr(h_mean), tmp, nt)
+                          n, ch, r, h * wd, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, _ptr(h_mean), tmp.data_ptr(), nt)
     return y
 
 
@@ -1107,10 +1094,11 @@ class _SEScale(torch.autograd.Function):
         db1 = w1.new_empty(r) if need[4] else None  # False for an absent bias (a None input)
         dw2 = torch.empty_like(w2) if need[5] else None
         db2 = w2.new_empty(ch) if need[6] else None
+        tmp = x.new_empty(2 * n * ch + n * r)
         z, hid, s = work.split([n * ch, n * r, n * ch])
         ctx.lib.senet_se_scale_backward(g.data_ptr(), x.data_ptr(), z.data_ptr(), hid.data_ptr(), s.data_ptr(),
                                         w1.data_ptr(), w2.data_ptr(), _ptr(dx), _ptr(dw1), _ptr(db1), _ptr(dw2),
-                                        _ptr(db2), n, ch, r, h * wd, _work(2 * n * ch + n * r), ctx.nt)
+                                        _ptr(db2), n, ch, r, h * wd, tmp.data_ptr(), ctx.nt)
         return dx, None, None, dw1, db1, dw2, db2
 
 
@@ -1165,11 +1153,12 @@ def _max_pool_forward(x: torch.Tensor, lib: ctypes.CDLL, nt: int, geometry: tupl
     oh, ow = geometry[:2]
     y = x.new_empty(n, ch, oh, ow)
     if not positions:
-        lib.senet_max_pool2d(x.data_ptr(), y.data_ptr(), n * ch, h, w, *geometry, _work(nt * w), nt)
+        rows = x.new_empty(nt * w)
+        lib.senet_max_pool2d(x.data_ptr(), y.data_ptr(), n * ch, h, w, *geometry, rows.data_ptr(), nt)
         return y, None
     at = torch.empty(n, ch, oh, ow, dtype=torch.uint8, device=x.device)
-    lib.senet_max_pool2d_argmax(x.data_ptr(), y.data_ptr(), at.data_ptr(), n * ch, h, w, *geometry, _work(4 * nt * ow),
-                                nt)
+    work = x.new_empty(4 * nt * ow)
+    lib.senet_max_pool2d_argmax(x.data_ptr(), y.data_ptr(), at.data_ptr(), n * ch, h, w, *geometry, work.data_ptr(), nt)
     return y, at
 
 
