@@ -11,6 +11,7 @@ threads, git revision) and the load average before and after.
     block   1. the SE block alone at ResNet-50's SE activation sizes vs the memory-traffic floor
     resnet  2. se_resnet50 vs resnet50 (and the unfused reference path), 224x224
     decompose  2. where se_resnet50's inference overhead goes (structure, scale, squeeze, excitation)
+    inplace  2. the same on the native path, timed inside the forward: convolutions, kernels, Python
     timm    3. ours vs timm seresnet50, same weights: eager, channels_last, torch.compile
     fc      Linear vs 1x1-conv SE FCs in se_resnet50 (same weights), eager, vs resnet50
     pool    senet's max pooling (native kernel) vs PyTorch's: the stem's pooling alone, and both networks
@@ -36,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -611,6 +613,95 @@ def bench_decompose(args) -> dict:
     return results
 
 
+class InPlaceClock:
+    """Inside a network's forward, the time spent in its convolutions (``nn.Conv2d._conv_forward``) and in the
+    native kernels' calls (``senet.layers.native``'s library), and how many calls of each: with ``total`` the
+    forward's time, ``total - conv - native`` is everything else (Python, module calls, the checks before each
+    kernel). Both networks make as many timed calls (same convolutions, one kernel call per unit end and per
+    conv-BN-ReLU), so what the timers add cancels in their differences."""
+
+    def __init__(self):
+        self.ns = {"conv": 0, "native": 0}
+        self.calls = {"conv": 0, "native": 0}
+
+    def reset(self) -> None:
+        for d in (self.ns, self.calls):
+            d.update(conv=0, native=0)
+
+    def _timed(self, part: str, fn: Callable) -> Callable:
+        ns, calls, clock = self.ns, self.calls, time.perf_counter_ns
+
+        def call(*a):
+            t0 = clock()
+            out = fn(*a)
+            ns[part] += clock() - t0
+            calls[part] += 1
+            return out
+        return call
+
+    @contextlib.contextmanager
+    def installed(self):
+        lib = native.library()
+        if lib is None:
+            raise SystemExit(f"inplace: the native kernels are not available here ({native.status()['why']})")
+        proxy = type("TimedKernels", (), {n: staticmethod(self._timed("native", getattr(lib, n)))
+                                          for n in native._SIGNATURES})()
+        conv_forward = nn.Conv2d._conv_forward
+        timed_conv = self._timed("conv", conv_forward)
+        nn.Conv2d._conv_forward = lambda conv, x, w, b: timed_conv(conv, x, w, b)
+        native._state["lib"] = proxy
+        try:
+            yield self
+        finally:
+            nn.Conv2d._conv_forward = conv_forward
+            native._state["lib"] = lib
+
+
+def bench_inplace(args) -> dict:
+    """Where se_resnet50's inference overhead over resnet50 goes on the default (native) path, timed inside
+    the forward (``InPlaceClock``): the convolutions (what SE's passes do to the caches they leave), the native
+    kernels (SE's squeeze, excitation and scale against the plain unit end) and the rest (Python: the checks
+    and calls around each kernel). Both networks interleaved in one process; medians of the paired per-round
+    differences."""
+    if DEVICE.type != "cpu":
+        raise SystemExit("inplace: the native kernels run on the CPU; use --device cpu")
+    models = {"se_resnet50": create_model("se_resnet50").eval(), "resnet50": create_model("resnet50").eval()}
+    clock = InPlaceClock()
+    results = {}
+    for batch in args.infer_batch:
+        x = torch.randn(batch, 3, 224, 224)
+        rounds: dict[str, dict[str, list[float]]] = {n: {"total": [], "conv": [], "native": []} for n in models}
+        calls: dict[str, dict[str, int]] = {}
+        with torch.inference_mode(), clock.installed():
+            for _ in range(args.warmup):
+                for m in models.values():
+                    m(x)
+            for r in range(args.rounds):
+                for name in models if r % 2 == 0 else list(models)[::-1]:
+                    clock.reset()
+                    t0 = time.perf_counter_ns()
+                    for _ in range(args.iters):
+                        models[name](x)
+                    total = time.perf_counter_ns() - t0
+                    for part, ns in (("total", total), *clock.ns.items()):
+                        rounds[name][part].append(ns / args.iters / 1e9)
+                    calls[name] = {k: v // args.iters for k, v in clock.calls.items()}
+        for parts in rounds.values():
+            parts["other"] = [t - c - k for t, c, k in zip(parts["total"], parts["conv"], parts["native"],
+                                                                 strict=True)]
+        se, base = rounds["se_resnet50"], rounds["resnet50"]
+        res = {"per_round_s": rounds, "calls_per_forward": calls,
+               "median_ms": {n: {p: median_ms(v) for p, v in parts.items()} for n, parts in rounds.items()},
+               "se_cost_ms": {p: paired_difference(se[p], base[p]) for p in se},
+               "ratio_to_resnet50": ratio(se["total"], base["total"])}
+        parts = ", ".join(f"{k} {v['ms']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+                          for k, v in res["se_cost_ms"].items())
+        print(f"inplace batch {batch}: timed calls per forward {calls}; SE's cost (median paired per-round "
+              f"differences, ms, 95% CI): {parts}; ratio {fmt(res['ratio_to_resnet50'])}")
+        results[f"infer_b{batch}"] = res
+    return results
+
+
 def timm_pair() -> dict[str, nn.Module]:
     """Ours and timm's seresnet50 with the same weights (timm's mapped onto ours by senet.convert)."""
     import timm
@@ -839,7 +930,8 @@ def check_device(parser: argparse.ArgumentParser, args) -> torch.device:
     return device
 
 
-TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose, "timm": bench_timm,
+TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose,
+           "inplace": bench_inplace, "timm": bench_timm,
            "fc": bench_fc, "pool": bench_pool, "memory": bench_memory, "onnx": bench_onnx}
 
 

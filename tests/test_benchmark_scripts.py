@@ -1,10 +1,12 @@
 """The benchmark scripts' own machinery (their timings are not tests: see docs/performance.md)."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from senet.layers import create_attention, native
 from senet.models import _attn
@@ -14,6 +16,8 @@ _SPEC = importlib.util.spec_from_file_location(
     "se_overhead", Path(__file__).resolve().parents[1] / "benchmarks" / "se_overhead.py")
 se_overhead = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(se_overhead)
+needs_kernels = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or native._disabled_by_env(),
+                                   reason="the native kernels need a C compiler (and SENET_NATIVE not 0)")
 
 
 def test_ablated_se_network_prices_the_parts_it_says():
@@ -423,3 +427,43 @@ def test_pool_target_sets_senets_pooling_against_pytorchs(tmp_path, monkeypatch)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(before(x), model(x))
+
+
+@needs_kernels
+def test_inplace_clock_counts_every_conv_and_kernel_call_and_changes_nothing():
+    from senet.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("se_resnet50", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        want = net(x)
+        conv_forward, lib = nn.Conv2d._conv_forward, native.library()
+        clock = se_overhead.InPlaceClock()
+        with clock.installed():
+            got = net(x)
+        assert nn.Conv2d._conv_forward is conv_forward and native._state["lib"] is lib  # put back
+    assert torch.equal(got, want)
+    assert clock.calls["conv"] == sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 53
+    # one native call per unit end (16) and per conv-BN-ReLU (stem + two per unit), and the stem's pooling
+    assert clock.calls["native"] == 16 + 1 + 2 * 16 + 1
+    assert clock.ns["conv"] > 0 and clock.ns["native"] > 0
+
+
+@needs_kernels
+def test_inplace_target_prices_the_parts_of_se_cost(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["inplace", "--infer-batch", "1", "--rounds", "2", "--iters", "1", "--warmup", "1",
+                      "--tag", "_t"])
+    saved = json.loads((tmp_path / "se_overhead_inplace_t.json").read_text())
+    res = saved["results"]["infer_b1"]
+    assert res["calls_per_forward"]["se_resnet50"] == res["calls_per_forward"]["resnet50"] == {"conv": 53,
+                                                                                               "native": 50}
+    for parts in res["per_round_s"].values():
+        for t, c, k, o in zip(parts["total"], parts["conv"], parts["native"], parts["other"], strict=True):
+            assert 0 < c < t and 0 < k < t and o == pytest.approx(t - c - k)
+    cost = res["se_cost_ms"]
+    assert set(cost) == {"total", "conv", "native", "other"} and all(v["rounds"] == 2 for v in cost.values())
