@@ -562,9 +562,33 @@ static void interior_columns(long W, long OW, long kw, long sw, long pw, long *l
     if (*lo > *hi) *lo = *hi;
 }
 
+/* yr[ow] = the maximum of row (W floats) over each output column's window: columns ow * sw - pw + dw,
+   0 <= dw < kw, inside the row (max_nan: NaN wins). Columns [lo, hi) have their whole window inside the row
+   (interior_columns): vectorised, and compiled for constant kw, sw where the caller passes them. */
+static inline __attribute__((always_inline)) void row_maxima(const float *row, float *yr, long W, long OW, long lo,
+                                                            long hi, long kw, long sw, long pw) {
+    for (long ow = 0; ow < OW; ++ow) {
+        if (ow == lo && lo < hi) {  /* the interior, vectorised */
+            const float *r = row + lo * sw - pw;
+            #pragma omp simd
+            for (long o = 0; o < hi - lo; ++o) {
+                float m = r[o * sw];
+                for (long dw = 1; dw < kw; ++dw) m = max_nan(m, r[o * sw + dw]);
+                yr[lo + o] = m;
+            }
+            ow = hi - 1;
+            continue;
+        }
+        long w0 = ow * sw - pw, w = w0 < 0 ? 0 : w0, w1 = w0 + kw < W ? w0 + kw : W;  /* an edge column, clipped */
+        float m = row[w];
+        for (++w; w < w1; ++w) m = max_nan(m, row[w]);
+        yr[ow] = m;
+    }
+}
+
 /* Max pooling of P planes (H x W floats each) into OH x OW: windows kh x kw at strides sh, sw starting at
    -ph, -pw, clipped to the plane (PyTorch's -inf padding; dilation 1). Each output row: the max over the
-   window's rows into a row buffer (contiguous, vectorised), then over each window's columns.
+   window's rows into a row buffer (contiguous, vectorised), then over each window's columns (row_maxima).
    rows: nt x W floats. */
 void senet_max_pool2d(const float *x, float *y, long P, long H, long W, long OH, long OW, long kh, long kw,
                       long sh, long sw, long ph, long pw, float *rows, int nt) {
@@ -592,22 +616,8 @@ void senet_max_pool2d(const float *x, float *y, long P, long H, long W, long OH,
                     for (long w = 0; w < W; ++w) row[w] = max_nan(row[w], r[w]);
                 }
                 float *yr = yp + oh * OW;
-                for (long ow = 0; ow < OW; ++ow) {
-                    if (ow == lo && lo < hi && kw == 3 && sw == 2) {  /* ResNet's stem: 3 x 3 at stride 2 */
-                        const float *r = row + lo * 2 - pw;
-                        #pragma omp simd
-                        for (long o = 0; o < hi - lo; ++o)
-                            yr[lo + o] = max_nan(max_nan(r[2 * o], r[2 * o + 1]), r[2 * o + 2]);
-                        ow = hi - 1;
-                        continue;
-                    }
-                    long w0 = ow * sw - pw, w1 = w0 + kw;
-                    if (w0 < 0) w0 = 0;
-                    if (w1 > W) w1 = W;
-                    float m = row[w0];
-                    for (long w = w0 + 1; w < w1; ++w) m = max_nan(m, row[w]);
-                    yr[ow] = m;
-                }
+                if (sw == 2 && kw == 3) row_maxima(row, yr, W, OW, lo, hi, 3, 2, pw);  /* ResNet's stem */
+                else row_maxima(row, yr, W, OW, lo, hi, kw, sw, pw);
             }
         }
     }
