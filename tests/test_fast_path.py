@@ -33,6 +33,13 @@ from senet.models.resnet import BasicBlock, Bottleneck, ResNet
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo keeps at most 8 compiled versions of a code object (a unit's
+    forward) per process, and this file's compiled tests, run in one process, make more than that."""
+    torch._dynamo.reset()
+
+
 def _net(block: str, dtype: torch.dtype, channels_last: bool, attn: str = "se_released") -> nn.Module:
     model = ResNet(block, [1, 1, 1, 1], attn=attn, num_classes=5).to(dtype)
     for m in model.modules():  # non-trivial BN so eval mode is not the identity
@@ -251,6 +258,73 @@ def test_torch_compile_matches_eager_reference(backend, dtype, channels_last, tr
     unit = _unit("basic" if backend == "inductor" else "bottleneck").to(dtype=dtype, memory_format=fmt).train(train)
     x = torch.randn(2, 16, 6, 6, dtype=dtype).contiguous(memory_format=fmt)
     _assert_matches_reference(unit, x, dtype, run=torch.compile(unit, backend=backend, fullgraph=True))
+
+
+BN_KINDS = {  # the unit end's BN (bn3): what nn.BatchNorm2d's training forward does with each
+    "momentum": dict(), "cumulative": dict(momentum=None), "batch-stats-only": dict(track_running_stats=False),
+    "no-affine": dict(affine=False),
+}
+
+
+@pytest.mark.parametrize("kind", [*BN_KINDS, "nhwc", "eval-bn", "hooked-bn"])
+def test_compiled_training_end_combines_batch_statistics(kind, monkeypatch):
+    # compiled, a unit end whose BN uses the batch's statistics squeezes each sample's channel means from one
+    # var_mean and combines BN's statistics from them: two training steps give the reference's outputs,
+    # gradients and BN buffers (running statistics, batches counted); BN with running statistics (eval mode)
+    # or hooked takes the traced custom function as before
+    taken = []
+    real = _attn.compiled_batch_stats_end
+    monkeypatch.setattr(_attn, "compiled_batch_stats_end", lambda *a: taken.append(real(*a)) or taken[-1])
+    unit = perturb_bn(_unit("bottleneck")).train()
+    unit.bn3 = bn = nn.BatchNorm2d(32, **BN_KINDS.get(kind, {}))
+    with torch.no_grad():
+        for t, lo in ((bn.weight, 0.5), (bn.bias, -0.5), (bn.running_mean, -0.5), (bn.running_var, 0.5)):
+            if t is not None:
+                t.uniform_(lo, lo + 1)
+    unit = unit.double()
+    if kind == "eval-bn":
+        bn.eval()
+    if kind == "hooked-bn":
+        unit.bn3.register_forward_hook(lambda m, i, o: None)  # watched: the module must be called
+    fmt = torch.channels_last if kind == "nhwc" else torch.contiguous_format
+    unit = unit.to(memory_format=fmt)
+    ref, run = copy.deepcopy(unit), torch.compile(unit, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        x = torch.randn(3, 16, 6, 6, dtype=torch.float64).contiguous(memory_format=fmt)
+        got = _step(run, x, params=unit)
+        with reference_path():
+            want = _step(ref, x)
+        _assert_same(got, want, torch.float64)
+        for (name, b1), b2 in zip(unit.named_buffers(), ref.buffers(), strict=True):
+            torch.testing.assert_close(b1, b2, **TOL[torch.float64], msg=f"step {step}: {name}")
+        unit.zero_grad(), ref.zero_grad()
+    if kind in ("eval-bn", "hooked-bn"):  # declined (eval) or not asked (hooked: the module must be called)
+        assert all(t is None for t in taken)
+    else:  # traced once per compilation
+        assert taken and all(t is not None for t in taken)
+    if kind == "cumulative":
+        assert unit.bn3.num_batches_tracked.item() == 2 and ref.bn3.num_batches_tracked.item() == 2
+
+
+def test_compiled_training_end_float32_as_accurate_as_reference():
+    # float32: the combined statistics are no less accurate than BN's own against a float64 truth, with a
+    # channel mean far from zero (the case where E[c^2] - mean^2 would cancel)
+    unit64 = perturb_bn(_unit("bottleneck").double()).train()
+    units = {"compiled": copy.deepcopy(unit64).float(), "ref32": copy.deepcopy(unit64).float(), "ref64": unit64}
+    x = torch.randn(3, 16, 6, 6, dtype=torch.float64) + 30.0
+    runs = {}
+    for name, unit in units.items():
+        if name == "compiled":
+            runs[name] = _step(torch.compile(unit, backend="aot_eager", fullgraph=True), x.float(), params=unit)
+        else:
+            with reference_path():
+                runs[name] = _step(unit, x.to(next(unit.parameters()).dtype))
+    compiled, ref32 = _errors(runs["compiled"], runs["ref64"]), _errors(runs["ref32"], runs["ref64"])
+    worse = {k: (compiled[k], ref32[k]) for k in ref32 if compiled[k] > 2 * ref32[k] + 1e-6}
+    assert not worse, f"compiled float32 less accurate than reference float32: {worse}"
+    for m1, m2 in zip(units["compiled"].modules(), units["ref64"].modules(), strict=True):
+        if isinstance(m1, nn.BatchNorm2d):
+            torch.testing.assert_close(m1.running_var.double(), m2.running_var, rtol=1e-5, atol=1e-6)
 
 
 def _assert_compiled_inference_matches_reference(model: nn.Module, x: torch.Tensor) -> None:

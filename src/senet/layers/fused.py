@@ -431,7 +431,7 @@ def inference() -> bool:
 
 def compiled_inference() -> bool:
     """``torch.compile`` tracing without autograd (not an export, which keeps plain ops), fast path enabled."""
-    return _ENABLED and torch.compiler.is_compiling() and not torch.is_grad_enabled() and not _plain_ops_only()
+    return not torch.is_grad_enabled() and compiled()
 
 
 def compiled_squeeze_before_bn(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
@@ -456,6 +456,63 @@ def compiled_squeeze_before_bn(attn: nn.Module, bn: nn.Module, c: torch.Tensor, 
     if z is None:
         z = _bn_on_pooled(bn, c.mean((2, 3), keepdim=True))
     return act(bn(c) * attn.gate(attn.pooled_logits(z)) + shortcut)
+
+
+def compiled(batch_norm: nn.Module | None = None) -> bool:
+    """``torch.compile`` tracing (not an export, which keeps plain ops), fast path enabled; with ``batch_norm``,
+    also that it is a plain ``nn.BatchNorm2d`` nobody hooks (a hook may change its output)."""
+    if not (_ENABLED and torch.compiler.is_compiling()) or _plain_ops_only():
+        return False
+    return batch_norm is None or (type(batch_norm) is nn.BatchNorm2d and not observed(batch_norm))
+
+
+def compiled_batch_stats_end(attn: nn.Module, bn: nn.BatchNorm2d, c: torch.Tensor,
+                             shortcut: torch.Tensor) -> torch.Tensor | None:
+    """``relu(attn(bn(c)) + shortcut)`` for a compiler where BN normalises with the batch's statistics (training),
+    or None where it does not apply. The caller has checked ``compiled(bn)`` and that ``attn`` is a fused SE block.
+
+    BN's statistics are combined from per-(sample, channel) ones: ``var_mean`` over H, W gives each sample's
+    channel means ``m`` (the squeeze needs exactly these: ``z = A m + B`` for ``bn(c) = A c + B``) and variances
+    ``v``, and over the batch ``mean = mean_b m``, ``var = mean_b v + mean_b (m - mean)²`` (exact, and as stable as
+    a two-pass variance). The forward then reads ``c`` twice, as BN alone does, and autograd's backward needs
+    only per-(sample, channel) sums of ``g`` and ``g c``: the compiler makes it one reduction pass and one
+    elementwise pass, as for the plain unit. Written as ``bn(c)``, ``mean_hw x`` and ``x * s``, the squeeze and the
+    squeeze's gradient cost a pass each (se_resnet50 compiled, one thread, batch-8 training step: 0.954 of that
+    time, 12 interleaved rounds; docs/performance.md). Running statistics are updated as ``nn.BatchNorm2d`` does.
+    """
+    if (c.dim() != 4 or c.shape[1] != bn.num_features or getattr(attn, "pool", "avg") != "avg"
+            or c.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(c.device.type)):
+        return None
+    if not (bn.training or bn.running_mean is None):
+        return None  # running statistics: compiled_squeeze_before_bn's case
+    n = c.numel() // c.shape[1]
+    if n == 1:  # F.batch_norm's own check, same words
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
+    v, m = torch.var_mean(c, (2, 3), correction=0, keepdim=True)  # (B, C, 1, 1) each, one pass over c
+    mean = m.mean(0, keepdim=True)
+    var = v.mean(0, keepdim=True) + (m - mean).square().mean(0, keepdim=True)  # (1, C, 1, 1), biased
+    A = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        A = A * bn.weight.view(1, -1, 1, 1)
+    B = -mean * A if bn.bias is None else bn.bias.view(1, -1, 1, 1) - mean * A
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        _update_running_stats(bn, mean.view(-1), var.view(-1), n)
+    s = attn.gate(attn.pooled_logits(A * m + B))  # z = mean_hw bn(c) = A m + B
+    return torch.relu(c * (s * A) + (s * B + shortcut))
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """``nn.BatchNorm2d``'s training update from the batch's ``mean`` and biased ``var`` (C,) over ``n`` values per
+    channel: ``num_batches_tracked`` + 1, the momentum (or the cumulative average when it is None), and the
+    running variance unbiased."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)  # a tensor: no float() of a traced value
+    bn.running_mean.mul_(1 - factor).add_(mean.detach() * factor)
+    bn.running_var.mul_(1 - factor).add_(var.detach() * (n / (n - 1)) * factor)
 
 
 def _bn_on_pooled(bn: nn.BatchNorm2d, pooled: torch.Tensor) -> torch.Tensor:

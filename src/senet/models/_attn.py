@@ -25,6 +25,8 @@ from senet.layers._common import NoScript
 from senet.layers.fused import (
     batch_norm_with_affine,
     can_fuse,
+    compiled,
+    compiled_batch_stats_end,
     compiled_inference,
     compiled_squeeze_before_bn,
     eager,
@@ -132,6 +134,10 @@ class AttnUnit(NoScript, nn.Module):
         if inference() and not observed(bn):
             y = self._native_end(fused, c, bn, shortcut, conv_in, h_mean)
             if y is not None:
+                return y
+        if fused and compiled(bn):  # before bn(c), which in training would update BN's running statistics
+            y = compiled_batch_stats_end(self.attn, bn, c, shortcut)
+            if y is not None:  # placement "standard": nothing after the ReLU
                 return y
         out = bn(c)
         fresh = fresh_output(bn)
