@@ -472,13 +472,15 @@ def compiled_batch_stats_end(attn: nn.Module, bn: nn.BatchNorm2d, c: torch.Tenso
     or None where it does not apply. The caller has checked ``compiled(bn)`` and that ``attn`` is a fused SE block.
 
     BN's statistics are combined from per-(sample, channel) ones: ``var_mean`` over H, W gives each sample's
-    channel means ``m`` (the squeeze needs exactly these: ``z = A m + B`` for ``bn(c) = A c + B``) and variances
-    ``v``, and over the batch ``mean = mean_b m``, ``var = mean_b v + mean_b (m - mean)²`` (exact, and as stable as
-    a two-pass variance). The forward then reads ``c`` twice, as BN alone does, and autograd's backward needs
-    only per-(sample, channel) sums of ``g`` and ``g c``: the compiler makes it one reduction pass and one
-    elementwise pass, as for the plain unit. Written as ``bn(c)``, ``mean_hw x`` and ``x * s``, the squeeze and the
-    squeeze's gradient cost a pass each (se_resnet50 compiled, one thread, batch-8 training step: 0.954 of that
-    time, 12 interleaved rounds; docs/performance.md). Running statistics are updated as ``nn.BatchNorm2d`` does.
+    channel means ``m`` and variances ``v``, and over the batch ``mean = mean_b m``, ``var = mean_b v + mean_b
+    (m - mean)²`` (exact, and as stable as a two-pass variance). The squeeze needs exactly ``m``: with
+    ``bn(c) = (c - mean) A + B``, ``z = (m - mean) A + B``. The forward then reads ``c`` twice, as BN alone does,
+    and autograd's backward needs only per-(sample, channel) sums of ``g`` and ``g (c - mean)``: the compiler
+    makes it one reduction pass and one elementwise pass, as for the plain unit. Written as ``bn(c)``,
+    ``mean_hw x`` and ``x * s``, the squeeze and its gradient cost a pass each (se_resnet50 compiled, one thread,
+    batch-8 training step: 0.97 of that time; docs/performance.md, item 18). ``c`` is centred before it is
+    scaled, as BN does (``c A + B`` loses float32 digits where a channel's mean is far from zero). Running
+    statistics are updated as ``nn.BatchNorm2d`` does.
     """
     if (c.dim() != 4 or c.shape[1] != bn.num_features or getattr(attn, "pool", "avg") != "avg"
             or c.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(c.device.type)):
@@ -491,14 +493,17 @@ def compiled_batch_stats_end(attn: nn.Module, bn: nn.BatchNorm2d, c: torch.Tenso
     v, m = torch.var_mean(c, (2, 3), correction=0, keepdim=True)  # (B, C, 1, 1) each, one pass over c
     mean = m.mean(0, keepdim=True)
     var = v.mean(0, keepdim=True) + (m - mean).square().mean(0, keepdim=True)  # (1, C, 1, 1), biased
-    A = torch.rsqrt(var + bn.eps)
+    A = torch.rsqrt(var + bn.eps)  # bn(c) = (c - mean) A + B, centred first as BN does: no cancellation
     if bn.weight is not None:
         A = A * bn.weight.view(1, -1, 1, 1)
-    B = -mean * A if bn.bias is None else bn.bias.view(1, -1, 1, 1) - mean * A
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         _update_running_stats(bn, mean.view(-1), var.view(-1), n)
-    s = attn.gate(attn.pooled_logits(A * m + B))  # z = mean_hw bn(c) = A m + B
-    return torch.relu(c * (s * A) + (s * B + shortcut))
+    if bn.bias is None:
+        s = attn.gate(attn.pooled_logits((m - mean) * A))  # z = mean_hw bn(c)
+        return torch.relu((c - mean) * (s * A) + shortcut)
+    B = bn.bias.view(1, -1, 1, 1)
+    s = attn.gate(attn.pooled_logits((m - mean) * A + B))
+    return torch.relu((c - mean) * (s * A) + (s * B + shortcut))
 
 
 @torch.no_grad()
