@@ -233,11 +233,7 @@ def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor
         return None
     if c.numel() // c.shape[1] == 1:  # F.batch_norm's own check, same words
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
+    factor = _count_batch(bn) if bn.training and bn.track_running_stats else 0.0
     out, mean, invstd = torch.native_batch_norm(c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
                                                 factor, bn.eps)
     return out, *_affine_map(bn, mean, invstd, c.dtype)
@@ -500,22 +496,55 @@ def compiled_batch_stats_end(attn: nn.Module, bn: nn.BatchNorm2d, c: torch.Tenso
         _update_running_stats(bn, mean.view(-1), var.view(-1), n)
     if bn.bias is None:
         s = attn.gate(attn.pooled_logits((m - mean) * A))  # z = mean_hw bn(c)
-        return torch.relu((c - mean) * (s * A) + shortcut)
+        return _CentredScaleAddReLU.apply(c, mean, s * A, None, shortcut)
     B = bn.bias.view(1, -1, 1, 1)
     s = attn.gate(attn.pooled_logits((m - mean) * A + B))
-    return torch.relu((c - mean) * (s * A) + (s * B + shortcut))
+    return _CentredScaleAddReLU.apply(c, mean, s * A, s * B, shortcut)
+
+
+class _CentredScaleAddReLU(torch.autograd.Function):
+    """y = relu((c - mean) k + b + shortcut) for a compiler, keeping ``c`` (which BN's backward keeps anyway) and
+    ``y``: written as plain ops, autograd keeps ``c - mean`` for ``dL/dk``, and inductor then writes that whole
+    tensor in forward (se_resnet50 compiled: +26.6% activation memory, a slower step). Shapes: c, shortcut
+    (B, C, H, W); mean (1, C, 1, 1); k, b (B, C, 1, 1) or b None."""
+
+    @staticmethod
+    def forward(ctx, c, mean, k, b, shortcut):
+        y = torch.relu((c - mean) * k + (shortcut if b is None else b + shortcut))
+        ctx.has_b = b is not None
+        ctx.save_for_backward(c, mean, k, y)
+        return y
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, g):
+        c, mean, k, y = ctx.saved_tensors
+        g_pre = torch.ops.aten.threshold_backward(g, y, 0)
+        db = g_pre.sum((2, 3), keepdim=True)  # (B, C, 1, 1)
+        dk = (g_pre * (c - mean)).sum((2, 3), keepdim=True)
+        dmean = -(db * k).sum(0, keepdim=True)
+        return g_pre * k, dmean, dk, db if ctx.has_b else None, g_pre
 
 
 @torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """``nn.BatchNorm2d``'s training update from the batch's ``mean`` and biased ``var`` (C,) over ``n`` values per
-    channel: ``num_batches_tracked`` + 1, the momentum (or the cumulative average when it is None), and the
-    running variance unbiased."""
+def _count_batch(bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> float | torch.Tensor:
+    """What ``nn.BatchNorm2d``'s training forward does before it normalises: ``num_batches_tracked`` + 1, and the
+    factor of the running statistics' update, the momentum or, when that is None, the cumulative average's
+    1 / batches (with ``dtype``: a tensor of it, not a ``float()`` of a value a compiler traces)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
-            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)  # a tensor: no float() of a traced value
+            tracked = bn.num_batches_tracked
+            factor = 1.0 / (float(tracked) if dtype is None else tracked.to(dtype))
+    return factor
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """``nn.BatchNorm2d``'s training update (``_count_batch``) from the batch's ``mean`` and biased ``var`` (C,)
+    over ``n`` values per channel, the running variance unbiased."""
+    factor = _count_batch(bn, mean.dtype)
     bn.running_mean.mul_(1 - factor).add_(mean.detach() * factor)
     bn.running_var.mul_(1 - factor).add_(var.detach() * (n / (n - 1)) * factor)
 
