@@ -140,6 +140,21 @@ def test_custom_function_gradcheck(from_bn):
     torch.autograd.gradcheck(f, (c.requires_grad_(), a.requires_grad_(), sc.requires_grad_()))
 
 
+@pytest.mark.parametrize("with_b", [True, False], ids=["with_b", "b_none"])
+def test_centred_scale_function_gradcheck(with_b):
+    # compiled training's scale pass, relu((c - mean) k + b + shortcut), against finite differences: every input
+    # (mean per channel, k and b per sample and channel)
+    g = torch.Generator().manual_seed(2)
+    c, sc = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    mean = torch.randn(1, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    k, b = (torch.randn(2, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    if with_b:
+        torch.autograd.gradcheck(fused._CentredScaleAddReLU.apply, (c, mean, k, b, sc))
+    else:
+        torch.autograd.gradcheck(lambda c, mean, k, sc: fused._CentredScaleAddReLU.apply(c, mean, k, None, sc),
+                                 (c, mean, k, sc))
+
+
 @pytest.mark.parametrize("from_bn,inplace", [(False, False), (True, False), (True, True)],
                          ids=["keep_shortcut", "keep_bn_input", "keep_bn_input_inplace"])
 def test_recompute_function_gradcheck(from_bn, inplace):
@@ -304,6 +319,22 @@ def test_compiled_training_end_combines_batch_statistics(kind, monkeypatch):
         assert taken and all(t is not None for t in taken)
     if kind == "cumulative":
         assert unit.bn3.num_batches_tracked.item() == 2 and ref.bn3.num_batches_tracked.item() == 2
+
+
+def test_compiled_training_keeps_what_the_plain_unit_keeps():
+    # inductor's partitioner decides what a compiled forward keeps: an SE unit end in training keeps no whole
+    # tensor more than the plain unit (only vectors: a few KiB here); c - mean kept was a whole tensor (3 MiB)
+    from senet.bench import activation_bytes
+
+    saved = {}
+    for attn in ("se_released", None):
+        make = partial(create_attention, attn) if attn else (lambda c: nn.Identity())
+        unit = Bottleneck(256, 64, downsample=nn.Identity(), make_attn=make).train()
+        x = torch.randn(2, 256, 14, 14)
+        run = torch.compile(unit)
+        run(x.clone().requires_grad_()).sum().backward()
+        saved[attn] = activation_bytes(run, x)
+    assert saved["se_released"] - saved[None] < x[0, :, 0, 0].numel() * 4 * 2 * 8  # vectors, never x's 392 KiB
 
 
 def test_compiled_training_end_float32_as_accurate_as_reference():

@@ -521,7 +521,9 @@ class _CentredScaleAddReLU(torch.autograd.Function):
         c, mean, k, y = ctx.saved_tensors
         g_pre = torch.ops.aten.threshold_backward(g, y, 0)
         db = g_pre.sum((2, 3), keepdim=True)  # (B, C, 1, 1)
-        dk = (g_pre * (c - mean)).sum((2, 3), keepdim=True)
+        # c - mean again, but not as forward's op: the same op would be merged with forward's (CSE) and kept,
+        # a whole tensor (test_compiled_training_keeps_what_the_plain_unit_keeps)
+        dk = (g_pre * torch.add(c, mean, alpha=-1)).sum((2, 3), keepdim=True)
         dmean = -(db * k).sum(0, keepdim=True)
         return g_pre * k, dmean, dk, db if ctx.has_b else None, g_pre
 
