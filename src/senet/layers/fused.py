@@ -29,8 +29,9 @@ Inference (eager, no autograd) writes into BN's output too and may squeeze throu
 The SE block alone (``SqueezeExcite.forward``) gets the recompute and the fused sums: it keeps x, z and s.
 
 The fast path is the default in eager training. Inference takes the plain ``addcmul`` + ``relu_``;
-``torch.compile`` traces a variant without the recompute (the compiler fuses the rest), and in inference
-squeezes before BN (``compiled_squeeze_before_bn``); ONNX, JIT and
+``torch.compile`` traces, in training, BN's batch statistics and the squeeze from one per-(sample, channel)
+``var_mean`` (``compiled_batch_stats_end``), elsewhere a variant without the recompute (the compiler fuses the
+rest), and in inference squeezes before BN (``compiled_squeeze_before_bn``); ONNX, JIT and
 FX tracing, ``torch.func`` transforms and forward-mode AD take plain ops. The unit calls its ``attn``
 module as usual when forward hooks watch the modules the fast path skips (``senet analyze``/``prune``
 install them), and within ``reference_path()`` (tests, benchmarks). Backward gives first derivatives only:
