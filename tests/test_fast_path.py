@@ -324,8 +324,6 @@ def test_compiled_training_end_combines_batch_statistics(kind, monkeypatch):
 def test_compiled_training_keeps_what_the_plain_unit_keeps():
     # inductor's partitioner decides what a compiled forward keeps: an SE unit end in training keeps no whole
     # tensor more than the plain unit (only vectors: a few KiB here); c - mean kept was a whole tensor (3 MiB)
-    from senet.bench import activation_bytes
-
     saved = {}
     for attn in ("se_released", None):
         make = partial(create_attention, attn) if attn else (lambda c: nn.Identity())

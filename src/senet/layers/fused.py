@@ -232,8 +232,7 @@ def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor
         return bn(c), *bn_affine(bn, c)
     if c.device.type != "cpu" or torch.is_autocast_enabled(c.device.type) or c.shape[1] != bn.num_features:
         return None
-    if c.numel() // c.shape[1] == 1:  # F.batch_norm's own check, same words
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
+    _batch_values(c)
     factor = _count_batch(bn) if bn.training and bn.track_running_stats else 0.0
     out, mean, invstd = torch.native_batch_norm(c, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
                                                 factor, bn.eps)
@@ -484,9 +483,7 @@ def compiled_batch_stats_end(attn: nn.Module, bn: nn.BatchNorm2d, c: torch.Tenso
         return None
     if not (bn.training or bn.running_mean is None):
         return None  # running statistics: compiled_squeeze_before_bn's case
-    n = c.numel() // c.shape[1]
-    if n == 1:  # F.batch_norm's own check, same words
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
+    n = _batch_values(c)
     v, m = torch.var_mean(c, (2, 3), correction=0, keepdim=True)  # (B, C, 1, 1) each, one pass over c
     mean = m.mean(0, keepdim=True)
     var = v.mean(0, keepdim=True) + (m - mean).square().mean(0, keepdim=True)  # (1, C, 1, 1), biased
@@ -527,6 +524,15 @@ class _CentredScaleAddReLU(torch.autograd.Function):
         dk = (g_pre * torch.add(c, mean, alpha=-1)).sum((2, 3), keepdim=True)
         dmean = -(db * k).sum(0, keepdim=True)
         return g_pre * k, dmean, dk, db if ctx.has_b else None, g_pre
+
+
+def _batch_values(c: torch.Tensor) -> int:
+    """How many values per channel BN's batch statistics are taken over; for one, ``F.batch_norm``'s own error
+    (same words)."""
+    n = c.numel() // c.shape[1]
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {c.size()}")
+    return n
 
 
 @torch.no_grad()
