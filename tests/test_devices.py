@@ -8,6 +8,7 @@ recompute ran outside autocast: ``F.linear`` on forward's bfloat16 ``z`` with fl
 """
 
 import contextlib
+import copy
 import statistics
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 
 from senet.layers import create_attention
 from senet.layers.fused import reference_path
+from senet.models import _attn
 from senet.models.resnet import ResNet
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -104,3 +106,76 @@ def test_block_alone_under_mixed_precision(device, amp_dtype):
     for k in truth:  # one conv and SE: bfloat16 keeps each within a few percent
         assert e_fast[k] <= 2 * e_ref[k] + 1e-3, (k, e_fast[k], e_ref[k])
     assert max(e_fast.values()) < 0.05
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_training_bn_declines_on_devices_outside_bn_kernel_devices():
+    """BN's affine map from ``native_batch_norm`` runs on BN_KERNEL_DEVICES only; elsewhere the module runs."""
+    from senet.layers.fused import BN_KERNEL_DEVICES, batch_norm_with_affine
+
+    assert "meta" not in BN_KERNEL_DEVICES
+    bn = nn.BatchNorm2d(4).to("meta").train()
+    assert batch_norm_with_affine(bn, torch.empty(2, 4, 3, 3, device="meta")) is None
+
+
+@CUDA
+@pytest.mark.parametrize("shape", [(40, 2048, 7, 7), (3, 64, 56, 56)], ids=["81920-channels", "small"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_channel_sums_on_cuda(shape, channels_last):
+    """On CUDA BatchNorm's backward kernel gives Σ_hw g x and Σ_hw g of (B, C) viewed as B*C channels of one
+    sample: also past 65535 channels (CUDA's limit on a grid's y and z sizes), and in channels_last."""
+    from senet.layers.fused import channel_sums
+
+    g, x = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda") + 3
+    if channels_last:
+        g, x = g.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    gx, gs = channel_sums(g, x)
+    want_gx = (g.double() * x.double()).sum((2, 3), keepdim=True)
+    want_gs = g.double().sum((2, 3), keepdim=True)
+    assert gx.shape == gs.shape == (shape[0], shape[1], 1, 1)
+    scale = shape[2] * shape[3]  # sums of that many float32 terms
+    torch.testing.assert_close(gx.double(), want_gx, rtol=0, atol=1e-5 * scale * 4)
+    torch.testing.assert_close(gs.double(), want_gs, rtol=0, atol=1e-5 * scale)
+
+
+@CUDA
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_compiled_on_cuda_matches_reference(train, channels_last, monkeypatch):
+    """torch.compile (inductor: Triton kernels) of a SE-ResNet on CUDA, float32, against the eager reference path:
+    training runs the compiled unit ends of ``compiled_batch_stats_end``, inference ``compiled_squeeze_before_bn``.
+    Two steps: the second sees the running statistics the first updated."""
+    torch._dynamo.reset()
+    real, taken = _attn.compiled_batch_stats_end, []
+    monkeypatch.setattr(_attn, "compiled_batch_stats_end", lambda *a: taken.append(real(*a)) or taken[-1])
+    model = _net("bottleneck", "se_released", torch.float32, "cuda").train(train)
+    ref = copy.deepcopy(model)
+    if channels_last:
+        model, ref = model.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+    run = torch.compile(model)
+    for _ in range(2):
+        x = torch.randn(4, 3, 64, 64, device="cuda")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad() if not train else contextlib.nullcontext():
+            got = run(x)
+            with reference_path():
+                want = ref(x)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        if train:
+            w = torch.linspace(-1, 1, got.numel(), device="cuda").view_as(got)
+            (got * w).sum().backward()
+            with reference_path():
+                (want * w).sum().backward()
+            for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+                s = q.grad.abs().max().clamp_min(1e-12)
+                torch.testing.assert_close(p.grad / s, q.grad / s, rtol=2e-3, atol=2e-3, msg=n)
+                p.grad = q.grad = None
+    for m, r in zip(model.modules(), ref.modules(), strict=True):
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_mean, r.running_mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.running_var, r.running_var, rtol=1e-4, atol=1e-5)
+    assert (bool(taken) and all(t is not None for t in taken)) == train  # training took the compiled unit ends
+    torch._dynamo.reset()

@@ -764,11 +764,12 @@ def test_backward_hooks_fire(where):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_the_paths_other_devices_take_match_reference(channels_last, train, monkeypatch):
-    # No GPU here: on other devices BatchNorm's CPU kernels do not stand in (channel_sums, scale_shift
-    # fall back to plain ops) and training BN runs as the module (A, B from bn_affine's reductions).
-    # Those branches, forced on the CPU, against the reference in float64.
+    # On devices outside BN_KERNEL_DEVICES (and in half precision) BatchNorm's kernels do not stand in
+    # (channel_sums, scale_shift fall back to plain ops) and training BN runs as the module (A, B from
+    # bn_affine's reductions). Those branches, forced on the CPU, against the reference in float64;
+    # tests/test_devices.py runs CUDA's own where a GPU is present.
     real_with_affine, calls = _attn.batch_norm_with_affine, []
-    monkeypatch.setattr(fused, "_bn_kernels_fit", lambda *tensors: calls.append(1) and False)
+    monkeypatch.setattr(fused, "_bn_kernels_fit", lambda *tensors, devices=None: calls.append(1) and False)
     monkeypatch.setattr(_attn, "batch_norm_with_affine",
                         lambda bn, c: None if bn.training else real_with_affine(bn, c))
     net = _net("bottleneck", torch.float64, channels_last).train(train)

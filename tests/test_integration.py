@@ -192,6 +192,27 @@ def test_provenance_in_one_place(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
 
 
+
+def test_git_revision_outside_a_checkout_comes_from_the_environment(monkeypatch):
+    """A copy of the tree without .git (sent to a GPU machine) records the revision it was told, marked as told."""
+    import subprocess
+
+    from senet import provenance as P
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0], stderr="fatal: not a git repository")
+
+    monkeypatch.setattr(P.subprocess, "run", no_git)
+    P.git_revision.cache_clear()
+    try:
+        monkeypatch.delenv("SENET_GIT_REVISION", raising=False)
+        assert P.git_revision() is None
+        P.git_revision.cache_clear()
+        monkeypatch.setenv("SENET_GIT_REVISION", " 7d9a03d\n")
+        assert P.git_revision() == "7d9a03d (from SENET_GIT_REVISION)"
+    finally:
+        P.git_revision.cache_clear()  # the real revision for the tests after this one
+
 def test_data_settings_read_where_train_stores_them():
     from senet.checkpoint import data_settings
 

@@ -23,7 +23,8 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def git_revision() -> str | None:
-    """senet's checkout commit (``-dirty`` if it has uncommitted changes), or None outside git.
+    """senet's checkout commit (``-dirty`` if it has uncommitted changes); outside a git checkout (a copy of the
+    tree sent to another machine) what ``SENET_GIT_REVISION`` says, marked ``(from SENET_GIT_REVISION)``, or None.
 
     Computed once per process: a long run records the revision it started from.
     """
@@ -34,7 +35,8 @@ def git_revision() -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        given = os.environ.get("SENET_GIT_REVISION", "").strip()
+        return f"{given} (from SENET_GIT_REVISION)" if given else None
     return rev + ("-dirty" if dirty else "")
 
 

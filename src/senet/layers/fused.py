@@ -51,6 +51,10 @@ from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module
 
 _ENABLED = True
+# Device types on which the unit runs its training BN as ``native_batch_norm`` for BN's affine map
+# (``batch_norm_with_affine``) and BatchNorm's backward kernel gives the per-(sample, channel) sums of the
+# backward (``channel_sums``). CPU: docs/performance.md; CUDA: measured on an H100 (docs/performance.md, "CUDA").
+BN_KERNEL_DEVICES = ("cpu", "cuda")
 # None outside torch.func transforms (torch >= 2.0; on a torch without it, transforms are not detected)
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
 
@@ -230,7 +234,8 @@ def batch_norm_with_affine(bn: nn.Module, c: torch.Tensor) -> tuple[torch.Tensor
         return None  # an empty batch too: the module handles it (an empty output)
     if not bn.training and bn.running_mean is not None:
         return bn(c), *bn_affine(bn, c)
-    if c.device.type != "cpu" or torch.is_autocast_enabled(c.device.type) or c.shape[1] != bn.num_features:
+    if (c.device.type not in BN_KERNEL_DEVICES or torch.is_autocast_enabled(c.device.type)
+            or c.shape[1] != bn.num_features):
         return None
     _batch_values(c)
     factor = _count_batch(bn) if bn.training and bn.track_running_stats else 0.0
@@ -247,13 +252,14 @@ def _sum_squares(c: torch.Tensor) -> torch.Tensor:
     return channel_dot(c, c).flatten(1)
 
 
-def _bn_kernels_fit(*tensors: torch.Tensor) -> bool:
-    """Whether BatchNorm's CPU kernels may stand in for per-(b, c) ops on ``tensors`` (``channel_sums``,
-    ``scale_shift``): eager, CPU, all float32 or all float64, none empty (on an empty batch, viewed as
-    zero channels, BatchNorm's backward kernel divides by zero: SIGFPE, the process dies)."""
-    dtype = tensors[0].dtype
+def _bn_kernels_fit(*tensors: torch.Tensor, devices: tuple[str, ...] = ("cpu",)) -> bool:
+    """Whether BatchNorm's kernels may stand in for per-(b, c) ops on ``tensors`` (``channel_sums``,
+    ``scale_shift``): eager, on one of ``devices``, all float32 or all float64, none empty (on an empty batch,
+    viewed as zero channels, BatchNorm's CPU backward kernel divides by zero: SIGFPE, the process dies)."""
+    dtype, device = tensors[0].dtype, tensors[0].device
     return (not torch.compiler.is_compiling() and dtype in (torch.float32, torch.float64)
-            and all(t.device.type == "cpu" and t.dtype == dtype and t.numel() > 0 for t in tensors))
+            and device.type in devices
+            and all(t.device == device and t.dtype == dtype and t.numel() > 0 for t in tensors))
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -264,7 +270,8 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     (CPU, batch 16). BatchNorm's inference kernel computes exactly ``x * weight + bias`` per channel when
     mean is 0, variance 1 and eps 0, vectorised along H, W: on ``x`` viewed as one sample of B*C
     channels it is one call at copy speed, bit for bit the same values here. channels_last tensors
-    (broadcast along the contiguous C: vectorised anyway), other devices, dtypes and compiled code: addcmul.
+    (broadcast along the contiguous C: vectorised anyway), other devices (CUDA's addcmul broadcasts at copy
+    speed), dtypes and compiled code: addcmul.
     """
     if not (_bn_kernels_fit(x, scale, shift) and x.dim() == 4 and x.is_contiguous()):
         return torch.addcmul(shift, x, scale)
@@ -281,10 +288,11 @@ def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     ATen has no op that reduces a product without writing it, but BatchNorm's backward computes
     exactly these two sums per channel, fused: with mean 0 and inverse deviation 1 its weight and bias
     gradients are Σ g x and Σ g. NCHW tensors are viewed as one sample of B*C channels (one call);
-    channels_last ones go sample by sample. About 3x faster than ``channel_dot`` + ``sum`` here
-    (CPU float32, ResNet-50's SE activations). Elsewhere (other devices/dtypes, compiled): those.
+    channels_last ones go sample by sample on the CPU. About 3x faster than ``channel_dot`` + ``sum`` here
+    (CPU float32, ResNet-50's SE activations). On CUDA (``BN_KERNEL_DEVICES``) NCHW tensors take the same one
+    call. Elsewhere (other devices/dtypes, channels_last on CUDA, compiled): those two.
     """
-    if not _bn_kernels_fit(g, x) or g.shape != x.shape:
+    if not _bn_kernels_fit(g, x, devices=BN_KERNEL_DEVICES) or g.shape != x.shape:
         return channel_dot(g, x), g.sum((2, 3), keepdim=True)
     B, C, H, W = g.shape
     mask = [False, True, True]
@@ -295,7 +303,7 @@ def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.
                                                               None, zeros, ones, True, 0.0, mask)
         return gx.view(B, C, 1, 1), gs.view(B, C, 1, 1)
     cl = torch.channels_last
-    if not (g.is_contiguous(memory_format=cl) and x.is_contiguous(memory_format=cl)):
+    if g.device.type != "cpu" or not (g.is_contiguous(memory_format=cl) and x.is_contiguous(memory_format=cl)):
         return channel_dot(g, x), g.sum((2, 3), keepdim=True)
     gx, gs = g.new_empty(B, C, 1, 1), g.new_empty(B, C, 1, 1)
     zeros, ones = g.new_zeros(C), g.new_ones(C)
@@ -307,10 +315,10 @@ def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def channel_dot(g: torch.Tensor, x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_hw g (x - minus) for every (b, c), as (B, C, 1, 1). The product goes through one sample-sized
-    buffer (cache-resident, allocated once) instead of a fresh full-size temporary (compiled: the plain
-    expression, which the compiler fuses)."""
-    if torch.compiler.is_compiling() or g.shape[0] == 0:  # compiled, or an empty batch: no buffer to share
+    """Σ_hw g (x - minus) for every (b, c), as (B, C, 1, 1). On the CPU the product goes through one
+    sample-sized buffer (cache-resident, allocated once) instead of a fresh full-size temporary. Elsewhere
+    the plain expression: on CUDA a loop over samples is two launches each (compiled: the compiler fuses it)."""
+    if torch.compiler.is_compiling() or g.shape[0] == 0 or g.device.type != "cpu":
         return (g * (x if minus is None else x - minus)).sum((2, 3), keepdim=True)
     out = torch.empty(g.shape[0], g.shape[1], 1, 1, dtype=g.dtype, device=g.device)
     buf = torch.empty_like(g[0])  # (C, H, W), g's memory format
