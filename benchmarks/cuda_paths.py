@@ -112,6 +112,42 @@ def run_case(batch: int, amp: torch.dtype | None, args) -> dict:
     return res
 
 
+def profile_inference(batch: int, forwards: int = 5) -> dict:
+    """What one eager inference forward launches (torch.profiler): per network, the device kernels and the
+    ATen ops with their counts, and the host's time per forward (launch-bound at small batches, where every
+    op costs its call whatever its size)."""
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+
+    pair = so.timm_pair()
+    nets = {"senet_se_resnet50": pair["senet_se_resnet50"], "timm_seresnet50": pair["timm_seresnet50"],
+            "senet_resnet50": create_model("resnet50"), "timm_resnet50": timm.create_model("resnet50")}
+    x = torch.randn(batch, 3, 224, 224, device=so.DEVICE)
+    out = {}
+    for name, net in nets.items():
+        net = net.to(so.DEVICE).eval()
+        with torch.inference_mode():
+            for _ in range(3):
+                net(x)
+            torch.cuda.synchronize(so.DEVICE)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(forwards):
+                    net(x)
+                torch.cuda.synchronize(so.DEVICE)
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        ops = {e.key: e.count / forwards for e in events
+               if e.key.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU}
+        out[name] = {"kernels_per_forward": kernels / forwards, "aten_ops_per_forward": ops}
+    print(f"inference batch {batch}, kernels per forward: " + ", ".join(
+        f"{n} {v['kernels_per_forward']:.0f}" for n, v in out.items()))
+    ours, theirs = out["senet_se_resnet50"]["aten_ops_per_forward"], out["timm_seresnet50"]["aten_ops_per_forward"]
+    diff = {k: ours.get(k, 0) - theirs.get(k, 0) for k in set(ours) | set(theirs)}
+    print("  ATen calls per forward, senet - timm: " + ", ".join(
+        f"{k[6:]} {v:+.0f}" for k, v in sorted(diff.items(), key=lambda kv: -abs(kv[1])) if v))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda[:N] (cpu: to check the script)")
@@ -120,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile-batch", type=int, nargs="*", default=[1, 16],
+                   help="inference batches whose kernels and ATen calls are counted (CUDA only)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     so.DEVICE = torch.device(args.device)
@@ -132,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     for amp, batches in ((None, args.batch), (torch.bfloat16, args.amp_batch)):
         for b in batches:
             results["cases"][f"train_b{b}{'_bf16' if amp else ''}"] = run_case(b, amp, args)
+    if so.DEVICE.type == "cuda":
+        results["profiles"] = {f"infer_b{b}": profile_inference(b) for b in args.profile_batch}
     print("wrote", so.save_results(f"cuda_paths{args.tag}", vars(args), results, load))
 
 

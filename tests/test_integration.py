@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -176,6 +177,9 @@ def test_provenance_in_one_place(tmp_path, monkeypatch):
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(P.__file__).parent, capture_output=True,
                           text=True).stdout.strip()
+    if "SENET_GIT_REVISION" in os.environ:  # the checkout's own answer, not a copy's
+        monkeypatch.delenv("SENET_GIT_REVISION")
+        P.git_revision.cache_clear()
     rev = P.git_revision()
     assert rev is None if not head else rev.removesuffix("-dirty") == head
     hits = P.git_revision.cache_info().hits
@@ -193,8 +197,9 @@ def test_provenance_in_one_place(tmp_path, monkeypatch):
 
 
 
-def test_git_revision_outside_a_checkout_comes_from_the_environment(monkeypatch):
-    """A copy of the tree without .git (sent to a GPU machine) records the revision it was told, marked as told."""
+def test_git_revision_of_a_copy_comes_from_the_environment(monkeypatch):
+    """A copy of the tree sent to a GPU machine (no .git, or one at another commit) records the revision it was
+    told, marked as told; without it and without git, None."""
     import subprocess
 
     from senet import provenance as P
@@ -209,6 +214,10 @@ def test_git_revision_outside_a_checkout_comes_from_the_environment(monkeypatch)
         assert P.git_revision() is None
         P.git_revision.cache_clear()
         monkeypatch.setenv("SENET_GIT_REVISION", " 7d9a03d\n")
+        assert P.git_revision() == "7d9a03d (from SENET_GIT_REVISION)"
+        monkeypatch.undo()  # git answers again: the given revision still wins
+        monkeypatch.setenv("SENET_GIT_REVISION", "7d9a03d")
+        P.git_revision.cache_clear()
         assert P.git_revision() == "7d9a03d (from SENET_GIT_REVISION)"
     finally:
         P.git_revision.cache_clear()  # the real revision for the tests after this one

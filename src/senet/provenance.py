@@ -23,11 +23,15 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def git_revision() -> str | None:
-    """senet's checkout commit (``-dirty`` if it has uncommitted changes); outside a git checkout (a copy of the
-    tree sent to another machine) what ``SENET_GIT_REVISION`` says, marked ``(from SENET_GIT_REVISION)``, or None.
+    """senet's checkout commit (``-dirty`` if it has uncommitted changes), or None outside git. Where
+    ``SENET_GIT_REVISION`` is set, what it says, marked ``(from SENET_GIT_REVISION)``: for a copy of the tree sent
+    to another machine, whose .git (if any) need not be the commit the copy was made from.
 
     Computed once per process: a long run records the revision it started from.
     """
+    given = os.environ.get("SENET_GIT_REVISION", "").strip()
+    if given:
+        return f"{given} (from SENET_GIT_REVISION)"
     cwd = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -35,8 +39,7 @@ def git_revision() -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        given = os.environ.get("SENET_GIT_REVISION", "").strip()
-        return f"{given} (from SENET_GIT_REVISION)" if given else None
+        return None
     return rev + ("-dirty" if dirty else "")
 
 

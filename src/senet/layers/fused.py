@@ -298,8 +298,8 @@ def channel_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     mask = [False, True, True]
     if g.is_contiguous() and x.is_contiguous():
         n = B * C
-        zeros, ones = g.new_zeros(n), g.new_ones(n)
-        _, gx, gs = torch.ops.aten.native_batch_norm_backward(g.view(1, n, H, W), x.view(1, n, H, W), None, None,
+        zeros, ones = g.new_zeros(n), g.new_ones(n)  # weight: CUDA's kernel shapes the weight's gradient like it
+        _, gx, gs = torch.ops.aten.native_batch_norm_backward(g.view(1, n, H, W), x.view(1, n, H, W), ones, None,
                                                               None, zeros, ones, True, 0.0, mask)
         return gx.view(B, C, 1, 1), gs.view(B, C, 1, 1)
     cl = torch.channels_last
