@@ -1,16 +1,18 @@
-"""Which branches the SE unit end takes on CUDA (issue 8): se_resnet50's training step with each, interleaved in
-one process beside resnet50 and timm's seresnet50 (same weights as ours).
+"""Which path SE trains on under CUDA (issue 8): se_resnet50's training step with each, interleaved in one process
+beside resnet50 and timm's seresnet50 (same weights as ours); and what one inference forward launches.
 
-Branches (``senet.layers.fused``):
+Paths (``senet.layers.fused``):
 
-    bn_kernels       the default: training BN as ``native_batch_norm`` (A, B from its batch statistics) and the
-                     backward's per-(sample, channel) sums from BatchNorm's backward kernel, one call
-                     (``BN_KERNEL_DEVICES`` holds "cuda")
-    portable         BN as the module, A, B from two more reductions over ``c`` (``bn_affine``), the sums as
-                     plain ``(g * c).sum`` and ``g.sum``
-    portable_looped  as ``portable``, with ``channel_dot`` one sample at a time through a buffer (two launches a
-                     sample), as every device did before CUDA had a branch of its own
-    reference        the unfused reference path (``reference_path``: SE as its module, then the addition, ReLU)
+    default         as shipped: on CUDA, eager training on plain autograd ops (``FUSED_TRAINING_DEVICES`` is CPU)
+    fused           the memory-saving functions on CUDA too ("cuda" added to ``FUSED_TRAINING_DEVICES``): training
+                    BN as ``native_batch_norm`` (A, B from its batch statistics), the backward's per-(sample,
+                    channel) sums from BatchNorm's backward kernel (``BN_KERNEL_DEVICES``), the FCs recomputed
+    fused_portable  as ``fused`` with BN as the module, A, B from two more reductions (``bn_affine``), the sums as
+                    plain ``(g * c).sum`` and ``g.sum``
+    reference       the unfused reference path (``reference_path``: SE as its module, then the addition, ReLU)
+
+(The first run of this script, at 19d29b4, compared the fused branches before the default changed, with a
+``portable_looped`` branch that summed one sample at a time: results/cuda_paths_cuda_s20.json.)
 
 Writes ``benchmarks/results/cuda_paths<tag>.json`` with provenance. Ratios are paired over rounds with 95%
 bootstrap intervals, as ``se_overhead.py``'s.
@@ -37,20 +39,9 @@ from senet.bench import cuda_peak_bytes  # noqa: E402
 from senet.layers import fused  # noqa: E402
 from senet.models import create_model  # noqa: E402
 
-
-def looped_channel_dot(g: torch.Tensor, x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
-    """``fused.channel_dot`` as it was on every device before CUDA's branch: Σ_hw g (x - minus) one sample at a
-    time through a sample-sized buffer."""
-    out = torch.empty(g.shape[0], g.shape[1], 1, 1, dtype=g.dtype, device=g.device)
-    buf = torch.empty_like(g[0])
-    for b in range(g.shape[0]):
-        prod = torch.mul(g[b], x[b], out=buf) if minus is None else torch.sub(x[b], minus[b], out=buf).mul_(g[b])
-        torch.sum(prod, (1, 2), keepdim=True, out=out[b])
-    return out
-
-
-BRANCHES = {"bn_kernels": {}, "portable": {"BN_KERNEL_DEVICES": ("cpu",)},
-            "portable_looped": {"BN_KERNEL_DEVICES": ("cpu",), "channel_dot": looped_channel_dot}}
+FUSED = ("cpu", "cuda")
+BRANCHES = {"default": {}, "fused": {"FUSED_TRAINING_DEVICES": FUSED},
+            "fused_portable": {"FUSED_TRAINING_DEVICES": FUSED, "BN_KERNEL_DEVICES": ("cpu",)}}
 
 
 @contextlib.contextmanager
@@ -86,7 +77,7 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, context, amp: torch.dtyp
 def run_case(batch: int, amp: torch.dtype | None, args) -> dict:
     pair = so.timm_pair()  # ours with timm's weights, and timm's seresnet50
     ours = pair["senet_se_resnet50"]
-    models = {name: ours if name == "bn_kernels" else copy.deepcopy(ours) for name in BRANCHES}
+    models = {name: ours if name == "default" else copy.deepcopy(ours) for name in BRANCHES}
     models["reference"] = copy.deepcopy(ours)
     models["resnet50"] = create_model("resnet50")
     models["timm_seresnet50"] = pair["timm_seresnet50"]
@@ -100,12 +91,12 @@ def run_case(batch: int, amp: torch.dtype | None, args) -> dict:
     t = so.interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
     res = {"batch": batch, "amp": str(amp) if amp else None, "median_ms": {n: so.median_ms(v) for n, v in t.items()},
            "peak_bytes": peak,
-           "vs_portable_looped": {n: so.ratio(t[n], t["portable_looped"]) for n in t if n != "portable_looped"},
+           "vs_default": {n: so.ratio(t[n], t["default"]) for n in t if n != "default"},
            "vs_resnet50": {n: so.ratio(t[n], t["resnet50"]) for n in t if n != "resnet50"},
            "vs_timm_seresnet50": {n: so.ratio(t[n], t["timm_seresnet50"]) for n in t if n != "timm_seresnet50"}}
     print(f"batch {batch}{' ' + str(amp)[6:] if amp else ''}: " + ", ".join(
         f"{n} {v:.2f} ms" for n, v in res["median_ms"].items()))
-    for key in ("vs_portable_looped", "vs_resnet50", "vs_timm_seresnet50"):
+    for key in ("vs_default", "vs_resnet50", "vs_timm_seresnet50"):
         print(f"  {key}: " + ", ".join(f"{n} {so.fmt(r)}" for n, r in res[key].items()))
     if so.DEVICE.type == "cuda":
         print("  peak MiB: " + ", ".join(f"{n} {b / 2**20:.0f}" for n, b in peak.items()))

@@ -55,6 +55,13 @@ _ENABLED = True
 # (``batch_norm_with_affine``) and BatchNorm's backward kernel gives the per-(sample, channel) sums of the
 # backward (``channel_sums``). CPU: docs/performance.md; CUDA: measured on an H100 (docs/performance.md, "CUDA").
 BN_KERNEL_DEVICES = ("cpu", "cuda")
+# Device types on which eager training takes the memory-saving custom functions (``_ExciteScaleAddReLU``,
+# ``_ScaleByExcitation``); elsewhere SE trains on plain autograd ops, as the reference path does. CUDA is not in it
+# by default: a CUDA step is bound by the host's time at the batches measured, and those functions' backward (Python,
+# and a nested autograd call for the FCs) cost the host ~0.9 ms a unit where plain ops cost less (H100, se_resnet50
+# batch 16: 47.6 ms a step against 33.9). Their saving there is memory: peak -29% at batch 64, float32, at the
+# same speed (docs/performance.md, "CUDA"). Add "cuda" to train in less memory.
+FUSED_TRAINING_DEVICES = ("cpu",)
 # None outside torch.func transforms (torch >= 2.0; on a torch without it, transforms are not detected)
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
 
@@ -357,6 +364,8 @@ def can_recompute(block: nn.Module, x: torch.Tensor) -> bool:
     enabled, nobody hooked on the block's sub-modules (their forward runs again in backward)."""
     if not (_ENABLED and torch.is_grad_enabled()) or _plain_ops_only() or torch.compiler.is_compiling():
         return False
+    if x.device.type not in FUSED_TRAINING_DEVICES:
+        return False
     if observed(block, *block.modules()):
         return False
     return x.requires_grad or any(p.requires_grad for p in block.parameters())
@@ -656,4 +665,6 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
         keep = (source[1], *bn_affine(*source))
     if torch.compiler.is_compiling() or observed(*attn.modules()):  # no recompute: traceable, hooks fire once
         return _SigmoidScaleAddReLU.apply(x, attn.logits(x), shortcut, *keep)
+    if x.device.type not in FUSED_TRAINING_DEVICES:
+        return _plain(x, attn.gate(attn.logits(x)), shortcut)
     return _ExciteScaleAddReLU.apply(x, shortcut, *keep, attn.pooled_logits, inplace, *params)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from senet.layers import create_attention, list_attentions, native
+from senet.layers import fused as fused_module
 from senet.layers._common import NoScript
 from senet.layers.fused import (
     batch_norm_with_affine,
@@ -93,7 +94,7 @@ def conv_bn_relu(conv: nn.Module, bn: nn.Module, act: nn.Module, x: torch.Tensor
     unhooked ``nn.Conv2d`` wrote it), which with ``mean`` also gives ``mean_hw`` of the result, (B, C),
     for an SE unit end's squeeze through the next 1x1 conv (``AttnUnit._merge``'s ``h_mean``)."""
     c = conv(x)
-    if type(act) is nn.ReLU and inference() and not observed(bn, act):
+    if c.is_cpu and type(act) is nn.ReLU and inference() and not observed(bn, act):
         out = native.bn_relu(bn, c, type(conv) is nn.Conv2d and not observed(conv), mean)
         if out is not None:
             return out
@@ -124,14 +125,14 @@ class AttnUnit(NoScript, nn.Module):
         that wrote ``h`` gave it (``conv_bn_relu``). The result is written into ``bn``'s fresh output when nobody
         watches ``bn`` (as torchvision's ``out += identity``), in training and inference."""
         fused = self.attn_placement == "standard" and can_fuse(self.attn, self.act)
-        if fused and torch.is_grad_enabled() and eager():
+        if fused and torch.is_grad_enabled() and eager() and c.device.type in fused_module.FUSED_TRAINING_DEVICES:
             # BN keeps c for its backward anyway: with BN's affine map known for free, SE's backward
             # needs nothing else (see senet.layers.fused)
             with_affine = batch_norm_with_affine(bn, c)
             if with_affine is not None:
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
-        if inference() and not observed(bn):
+        if c.is_cpu and inference() and not observed(bn):  # the native kernels: CPU only
             y = self._native_end(fused, c, bn, shortcut, conv_in, h_mean)
             if y is not None:
                 return y
