@@ -658,13 +658,14 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     params = tuple(attn.parameters()) if torch.is_grad_enabled() else ()
     if not (params and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))):
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and x.device.type not in FUSED_TRAINING_DEVICES:  # first: nothing to keep is computed
+        return _plain(x, attn.gate(attn.logits(x)), shortcut)
     keep = (None, None, None)
     if source is not None and affine is not None:
         keep = (source[1], *affine)
     elif source is not None and isinstance(source[0], nn.BatchNorm2d) and not observed(source[0]):
         keep = (source[1], *bn_affine(*source))
-    if torch.compiler.is_compiling() or observed(*attn.modules()):  # no recompute: traceable, hooks fire once
+    if compiling or observed(*attn.modules()):  # no recompute: traceable, hooks fire once
         return _SigmoidScaleAddReLU.apply(x, attn.logits(x), shortcut, *keep)
-    if x.device.type not in FUSED_TRAINING_DEVICES:
-        return _plain(x, attn.gate(attn.logits(x)), shortcut)
     return _ExciteScaleAddReLU.apply(x, shortcut, *keep, attn.pooled_logits, inplace, *params)

@@ -94,7 +94,7 @@ def conv_bn_relu(conv: nn.Module, bn: nn.Module, act: nn.Module, x: torch.Tensor
     unhooked ``nn.Conv2d`` wrote it), which with ``mean`` also gives ``mean_hw`` of the result, (B, C),
     for an SE unit end's squeeze through the next 1x1 conv (``AttnUnit._merge``'s ``h_mean``)."""
     c = conv(x)
-    if c.is_cpu and type(act) is nn.ReLU and inference() and not observed(bn, act):
+    if type(act) is nn.ReLU and inference() and c.is_cpu and not observed(bn, act):
         out = native.bn_relu(bn, c, type(conv) is nn.Conv2d and not observed(conv), mean)
         if out is not None:
             return out
@@ -132,7 +132,7 @@ class AttnUnit(NoScript, nn.Module):
             if with_affine is not None:
                 out, A, B = with_affine
                 return scale_add_relu(self.attn, out, shortcut, source=(bn, c), affine=(A, B), inplace=True)
-        if c.is_cpu and inference() and not observed(bn):  # the native kernels: CPU only
+        if inference() and c.is_cpu and not observed(bn):  # the native kernels: CPU only
             y = self._native_end(fused, c, bn, shortcut, conv_in, h_mean)
             if y is not None:
                 return y
