@@ -18,7 +18,6 @@ from torch import nn
 
 from senet.layers import create_attention, fused
 from senet.layers.fused import reference_path
-from senet.models import _attn
 from senet.models.resnet import ResNet
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -161,8 +160,6 @@ def test_compiled_on_cuda_matches_reference(train, channels_last, monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions on both sides
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    real, taken = _attn.compiled_batch_stats_end, []
-    monkeypatch.setattr(_attn, "compiled_batch_stats_end", lambda *a: taken.append(real(*a)) or taken[-1])
     model = _net("bottleneck", "se_released", torch.float32, "cuda").train(train)
     ref = copy.deepcopy(model)
     if channels_last:
@@ -190,7 +187,13 @@ def test_compiled_on_cuda_matches_reference(train, channels_last, monkeypatch):
         if isinstance(m, nn.BatchNorm2d):
             torch.testing.assert_close(m.running_mean, r.running_mean, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(m.running_var, r.running_var, rtol=1e-4, atol=1e-5)
-    assert (bool(taken) and all(t is not None for t in taken)) == train  # training took the compiled unit ends
+    # which unit ends were traced: the graph dynamo hands a recording backend (a list-appending spy in the traced
+    # code saw no call under torch 2.11 on CUDA, where these values matched)
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(copy.deepcopy(model), backend=lambda gm, inputs: graphs.append(gm) or gm.forward)(x)
+    traced = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert (torch.var_mean in traced) == train  # compiled_batch_stats_end: one var_mean per unit end
     torch._dynamo.reset()
 
 
