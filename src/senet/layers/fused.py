@@ -29,7 +29,8 @@ Inference (eager, no autograd) writes into BN's output too and may squeeze throu
 The SE block alone (``SqueezeExcite.forward``) gets the recompute and the fused sums: it keeps x, z and s.
 
 The fast path is the default in eager training on the devices in ``FUSED_TRAINING_DEVICES`` (the CPU; on
-CUDA a step is bound by the host's time, and plain autograd ops cost it less: add "cuda" for the memory). Inference takes the plain ``addcmul`` + ``relu_``;
+CUDA a step is bound by the host's time, and plain autograd ops cost it less: add "cuda" for the memory).
+Inference takes the plain ``addcmul`` + ``relu_``;
 ``torch.compile`` traces, in training, BN's batch statistics and the squeeze from one per-(sample, channel)
 ``var_mean`` (``compiled_batch_stats_end``), elsewhere a variant without the recompute (the compiler fuses the
 rest), and in inference squeezes before BN (``compiled_squeeze_before_bn``); ONNX, JIT and
