@@ -23,10 +23,11 @@ from senet.models.resnet import ResNet
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
-@pytest.fixture(autouse=True, params=["default", "fused_everywhere"])
+@pytest.fixture(autouse=True, params=["default", *(["fused_everywhere"] if torch.cuda.is_available() else [])])
 def training_path(request, monkeypatch):
-    """Every test twice: with the default FUSED_TRAINING_DEVICES (on CUDA eager training takes plain ops) and
-    with every device in it (the memory-saving functions on CUDA too, as a user may choose)."""
+    """Where CUDA is present, every test twice: with the default FUSED_TRAINING_DEVICES (on CUDA eager training
+    takes plain ops) and with every device in it (the memory-saving functions on CUDA too, as a user may choose).
+    Without CUDA once: the CPU is in both."""
     if request.param == "fused_everywhere":
         monkeypatch.setattr(fused, "FUSED_TRAINING_DEVICES", ("cpu", "cuda"))
     return request.param

@@ -64,6 +64,14 @@ BN_KERNEL_DEVICES = ("cpu", "cuda")
 # batch 16: 47.6 ms a step against 33.9). Their saving there is memory: peak -29% at batch 64, float32, at the
 # same speed (docs/performance.md, "CUDA"). Add "cuda" to train in less memory.
 FUSED_TRAINING_DEVICES = ("cpu",)
+
+
+def trains_fused(t: torch.Tensor) -> bool:
+    """Whether eager training on ``t``'s device takes the memory-saving functions: ``FUSED_TRAINING_DEVICES`` as
+    it is at this call (a user may add "cuda")."""
+    return t.device.type in FUSED_TRAINING_DEVICES
+
+
 # None outside torch.func transforms (torch >= 2.0; on a torch without it, transforms are not detected)
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
 
@@ -366,7 +374,7 @@ def can_recompute(block: nn.Module, x: torch.Tensor) -> bool:
     enabled, nobody hooked on the block's sub-modules (their forward runs again in backward)."""
     if not (_ENABLED and torch.is_grad_enabled()) or _plain_ops_only() or torch.compiler.is_compiling():
         return False
-    if x.device.type not in FUSED_TRAINING_DEVICES:
+    if not trains_fused(x):
         return False
     if observed(block, *block.modules()):
         return False
@@ -661,7 +669,7 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     if not (params and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))):
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     compiling = torch.compiler.is_compiling()
-    if not compiling and x.device.type not in FUSED_TRAINING_DEVICES:  # first: nothing to keep is computed
+    if not (compiling or trains_fused(x)):  # first: nothing to keep is computed
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     keep = (None, None, None)
     if source is not None and affine is not None:

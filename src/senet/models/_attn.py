@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from senet.layers import create_attention, list_attentions, native
-from senet.layers import fused as fused_module
 from senet.layers._common import NoScript
 from senet.layers.fused import (
     batch_norm_with_affine,
@@ -37,6 +36,7 @@ from senet.layers.fused import (
     observed,
     scale_add_relu,
     squeeze_through_conv,
+    trains_fused,
 )
 
 PLACEMENTS = ("standard", "pre", "post", "identity", "after_3x3")
@@ -125,7 +125,7 @@ class AttnUnit(NoScript, nn.Module):
         that wrote ``h`` gave it (``conv_bn_relu``). The result is written into ``bn``'s fresh output when nobody
         watches ``bn`` (as torchvision's ``out += identity``), in training and inference."""
         fused = self.attn_placement == "standard" and can_fuse(self.attn, self.act)
-        if fused and torch.is_grad_enabled() and eager() and c.device.type in fused_module.FUSED_TRAINING_DEVICES:
+        if fused and torch.is_grad_enabled() and eager() and trains_fused(c):
             # BN keeps c for its backward anyway: with BN's affine map known for free, SE's backward
             # needs nothing else (see senet.layers.fused)
             with_affine = batch_norm_with_affine(bn, c)
