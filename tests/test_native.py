@@ -65,7 +65,7 @@ def torch_threads(n: int):
 
 
 SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 24, 9, 3), (5, 37, 5, 6),
-          (1, 40, 5, 20)]
+          (1, 40, 5, 20), (1, 600, 3, 48)]
 
 
 @needs_kernels
@@ -74,7 +74,9 @@ SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 
 def test_kernels_compute_the_formula(n, ch, hw, hidden, threads):
     # batch 1 and 16, 7x7 and 1x1 maps, channel and hidden counts that are not multiples of the vector width
     # or of four (the products go four or a vector width of rows at a time, with rows of 40 and 20 floats
-    # that end part-way through a vector), BN with and without affine terms, FCs with and without bias
+    # that end part-way through a vector; at batch 1 rows of up to 512 floats are read one after the other,
+    # two vectors at a time, and longer ones side by side: 600 and 48), BN with and without affine terms, FCs
+    # with and without bias
     with torch_threads(threads):
         for affine, bias in [(True, True), (False, False)]:
             bn, se = random_bn(ch, affine), random_se(ch, hidden=hidden, bias=bias)
