@@ -380,6 +380,11 @@ def bench_block(args) -> dict:
     ds = Σ g x and the squeeze's gradient fold into that pass) = again t(mean) + t(clone).
     """
     results = {"dram": bandwidth(2**26, args), "shapes": {}}
+    # a bound below which no block can go unless its FCs' products overlap its passes over memory (the squeeze
+    # must end before the excitation starts, and it before the scale): floor + the products' FLOPs at this
+    # core's best GEMM rate (2048^3 sgemm; measured on the CPU only, where the kernels' products run)
+    gflops = sgemm_gflops() if DEVICE.type == "cpu" else None
+    results["sgemm_gflops"] = gflops
     for c, hw in SE_SHAPES:
         x = torch.randn(args.batch, c, hw, hw, device=DEVICE)
         se = create_attention("se_released", c).to(DEVICE)
@@ -405,6 +410,17 @@ def bench_block(args) -> dict:
                 floor, t["fc_fwd"], t["fc_bwd"], strict=True)]),
         }
         r = results["shapes"][f"{c}x{hw}x{hw}"]
+        if gflops:
+            # forward W1 z and W2 h; backward dW2, dh, dW1, dz: each 2 B C C/r FLOPs
+            product_flops = 2 * x.shape[0] * se.fc1.weight.numel()
+            fwd_ms, bwd_ms = 2 * product_flops / gflops / 1e6, 4 * product_flops / gflops / 1e6
+            floor_ms = float(np.median(floor)) * 1e3
+            r["products_at_gemm_rate_ms"] = {"fwd": fwd_ms, "bwd": bwd_ms}
+            r["least_fwd_vs_floor"] = (floor_ms + fwd_ms) / floor_ms
+            r["least_fwd_bwd_vs_floor"] = (2 * floor_ms + fwd_ms + bwd_ms) / (2 * floor_ms)
+            print(f"{tuple(x.shape)}: the products at {gflops:.0f} GFLOP/s take {fwd_ms:.3f} ms forward, {bwd_ms:.3f} "
+                  f"backward: no block under {r['least_fwd_vs_floor']:.3f}x its floor forward, "
+                  f"{r['least_fwd_bwd_vs_floor']:.3f}x forward + backward unless they overlap its passes")
         print(f"{tuple(x.shape)}: mean {r['mean_ms']:.2f} clone {r['clone_ms']:.2f} fwd {r['fwd_ms']:.2f} "
               f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms; fwd/floor {fmt(r['fwd_vs_floor'])}, "
               f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}; with FC weights: fwd "

@@ -112,6 +112,7 @@ def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch
     monkeypatch.setattr(se_overhead, "SE_SHAPES", [(32, 4)])
     monkeypatch.setattr(se_overhead, "bandwidth", lambda numel, args: real_bandwidth(2**16, args))
     monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)  # main sets it: restore afterwards
+    monkeypatch.setattr(se_overhead, "sgemm_gflops", lambda: 0.5)  # a slow core: the bound shows
     se_overhead.main(["block", "--device", device, "--batch", "2", "--rounds", "2", "--iters", "1", "--warmup", "1",
                       "--tag", "_test"])
     saved = json.loads((tmp_path / "se_overhead_block_test.json").read_text())
@@ -119,6 +120,15 @@ def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch
     shape = saved["results"]["shapes"]["32x4x4"]
     assert shape["shape"] == [2, 32, 4, 4] and shape["fwd_vs_floor"]["ratio"] > 0
     assert shape["fc_bwd_ms"] > 0 and shape["fwd_bwd_vs_floor_plus_products"]["ratio"] > 0
+    if device == "cpu":  # the compute bound: batch 2, W1 2 x 32 and W2 32 x 2, 2 * 2 * 64 FLOPs a product
+        assert saved["results"]["sgemm_gflops"] == 0.5
+        fwd, bwd = shape["products_at_gemm_rate_ms"]["fwd"], shape["products_at_gemm_rate_ms"]["bwd"]
+        assert fwd == pytest.approx(2 * 256 / 0.5e9 * 1e3) and bwd == pytest.approx(2 * fwd)
+        # forward: (floor + fwd) / floor; forward + backward: (2 floor + 3 fwd) / (2 floor)
+        assert shape["least_fwd_vs_floor"] > 1
+        assert shape["least_fwd_bwd_vs_floor"] - 1 == pytest.approx(1.5 * (shape["least_fwd_vs_floor"] - 1))
+    else:
+        assert saved["results"]["sgemm_gflops"] is None and "least_fwd_vs_floor" not in shape
 
 
 def test_fc_products_are_the_fcs_forward_and_backward_products():
