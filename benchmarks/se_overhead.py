@@ -410,6 +410,13 @@ def bench_block(args) -> dict:
                 floor, t["fc_fwd"], t["fc_bwd"], strict=True)]),
         }
         r = results["shapes"][f"{c}x{hw}x{hw}"]
+        print(f"{tuple(x.shape)}: mean {r['mean_ms']:.2f} clone {r['clone_ms']:.2f} fwd {r['fwd_ms']:.2f} "
+              f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms; fwd/floor {fmt(r['fwd_vs_floor'])}, "
+              f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}; with FC weights: fwd "
+              f"{r['fwd_vs_floor_with_weights']['ratio']:.3f}, "
+              f"fwd+bwd {r['fwd_bwd_vs_floor_with_weights']['ratio']:.3f}; FC products (BLAS) fwd {r['fc_fwd_ms']:.2f} "
+              f"bwd {r['fc_bwd_ms']:.2f} ms, with them: fwd {r['fwd_vs_floor_plus_products']['ratio']:.3f}, "
+              f"fwd+bwd {r['fwd_bwd_vs_floor_plus_products']['ratio']:.3f}")
         if gflops:
             # forward W1 z and W2 h; backward dW2, dh, dW1, dz: each 2 B C C/r FLOPs
             product_flops = 2 * x.shape[0] * se.fc1.weight.numel()
@@ -421,13 +428,6 @@ def bench_block(args) -> dict:
             print(f"{tuple(x.shape)}: the products at {gflops:.0f} GFLOP/s take {fwd_ms:.3f} ms forward, {bwd_ms:.3f} "
                   f"backward: no block under {r['least_fwd_vs_floor']:.3f}x its floor forward, "
                   f"{r['least_fwd_bwd_vs_floor']:.3f}x forward + backward unless they overlap its passes")
-        print(f"{tuple(x.shape)}: mean {r['mean_ms']:.2f} clone {r['clone_ms']:.2f} fwd {r['fwd_ms']:.2f} "
-              f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms; fwd/floor {fmt(r['fwd_vs_floor'])}, "
-              f"fwd+bwd/floor {fmt(r['fwd_bwd_vs_floor'])}; with FC weights: fwd "
-              f"{r['fwd_vs_floor_with_weights']['ratio']:.3f}, "
-              f"fwd+bwd {r['fwd_bwd_vs_floor_with_weights']['ratio']:.3f}; FC products (BLAS) fwd {r['fc_fwd_ms']:.2f} "
-              f"bwd {r['fc_bwd_ms']:.2f} ms, with them: fwd {r['fwd_vs_floor_plus_products']['ratio']:.3f}, "
-              f"fwd+bwd {r['fwd_bwd_vs_floor_plus_products']['ratio']:.3f}")
     return results
 
 
