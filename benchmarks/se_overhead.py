@@ -420,8 +420,8 @@ def bench_block(args) -> dict:
         if gflops:
             # forward W1 z and W2 h; backward dW2, dh, dW1, dz: each 2 B C C/r FLOPs
             product_flops = 2 * x.shape[0] * se.fc1.weight.numel()
-            fwd_ms, bwd_ms = 2 * product_flops / gflops / 1e6, 4 * product_flops / gflops / 1e6
-            floor_ms = float(np.median(floor)) * 1e3
+            fwd_ms = 2 * product_flops / gflops / 1e6
+            bwd_ms, floor_ms = 2 * fwd_ms, median_ms(floor)
             r["products_at_gemm_rate_ms"] = {"fwd": fwd_ms, "bwd": bwd_ms}
             r["least_fwd_vs_floor"] = (floor_ms + fwd_ms) / floor_ms
             r["least_fwd_bwd_vs_floor"] = (2 * floor_ms + fwd_ms + bwd_ms) / (2 * floor_ms)
