@@ -4,6 +4,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -477,3 +478,32 @@ def test_inplace_target_prices_the_parts_of_se_cost(tmp_path, monkeypatch):
             assert 0 < c < t and 0 < k < t and o == pytest.approx(t - c - k)
     cost = res["se_cost_ms"]
     assert set(cost) == {"total", "conv", "native", "other"} and all(v["rounds"] == 2 for v in cost.values())
+
+
+def test_cpu_allocator_runs_each_side_in_its_own_processes(tmp_path, monkeypatch):
+    # real child processes (tiny CIFAR ResNets at 8x8); the summary is checked by hand against what they reported
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "cpu_allocator", Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_allocator.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    assert bench.main(["--models", "se_resnet20", "resnet20", "--batch", "2", "--image-size", "8", "--steps", "2",
+                       "--warmup", "1", "--pairs", "2", "--tag", "t"]) == 0
+    out = json.loads((tmp_path / "cpu_allocator_t.json").read_text())
+    pairs, res = out["pairs"], out["results"]
+    assert [p["order"] for p in pairs] == [["default", "reuse"], ["reuse", "default"]]
+    from senet import allocator
+
+    for p in pairs:
+        assert p["default"]["allocator"]["applied"] is False
+        assert p["reuse"]["allocator"]["applied"] is (allocator._unsupported() is None)
+        assert all(len(t) == 2 for side in ("default", "reuse") for t in p[side]["step_s"].values())
+    med = {m: [float(np.median(p[m]["step_s"]["se_resnet20"])) for p in pairs] for m in ("default", "reuse")}
+    assert res["reuse_vs_default"]["se_resnet20"]["ratio"] == pytest.approx(sum(med["reuse"]) / sum(med["default"]))
+    se = sum(sum(p["reuse"]["step_s"]["se_resnet20"]) for p in pairs)
+    base = sum(sum(p["reuse"]["step_s"]["resnet20"]) for p in pairs)
+    assert res["se_resnet20_vs_resnet20"]["reuse"]["ratio"] == pytest.approx(se / base)
+    assert res["peak_rss_mb"]["default"] == [p["default"]["peak_rss_mb"] for p in pairs]
+    assert out["config"]["pairs"] == 2 and "git_revision" in out and out["device"]["threads"] == 1

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from senet import allocator
+
 
 @functools.lru_cache(maxsize=1)
 def git_revision() -> str | None:
@@ -90,12 +92,13 @@ def _native() -> dict:
 
 def provenance(config: dict, device: torch.device | str) -> dict:
     """The block every senet results file carries: config, versions, device (with the environment
-    variables that change speed), git revision, time."""
+    variables and the allocator settings that change speed), git revision, time."""
     return {
         "config": config,
         "versions": versions(),
         "device": {"type": torch.device(device).type, "name": device_name(device),
-                   "threads": torch.get_num_threads(), "env": performance_env(), "native_kernels": _native()},
+                   "threads": torch.get_num_threads(), "env": performance_env(), "native_kernels": _native(),
+                   "allocator": allocator.state()},
         "git_revision": git_revision(),
         "created": now(),
     }
