@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from senet import allocator
 from senet.bench import (
     BenchConfig,
     Subject,
@@ -991,6 +992,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", nargs="+", metavar="FILE",
                    help="resnet, timm: measure nothing; pool these results files of the target (single runs or "
                         "--processes runs) as if their processes had been one run")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="first tell glibc to keep freed memory (senet.allocator, as senet train does on CPU; "
+                        "recorded under device.allocator)")
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)  # one of --processes' runs writes here
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
@@ -1012,6 +1016,8 @@ def main(argv: list[str] | None = None) -> None:
                     "to pair")
         return run_processes(args, argv)
     torch.set_num_threads(args.threads)
+    if args.reuse_freed_memory:
+        print("allocator:", allocator.reuse_freed_memory()["why"])
     for target in TARGETS if args.target == "all" else [args.target]:
         load = os.getloadavg()
         torch.manual_seed(0)

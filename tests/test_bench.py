@@ -150,6 +150,25 @@ def test_cli_bench_json_with_provenance(tmp_path, capsys):
     assert main(["bench"]) == 2  # neither MODEL nor --paper
 
 
+@pytest.mark.parametrize("flags, applied", [(["--train"], True), (["--train", "--no-reuse-freed-memory"], False),
+                                            ([], False)])
+def test_cli_bench_training_keeps_freed_memory_like_train(flags, applied, tmp_path, monkeypatch):
+    from senet import allocator
+
+    def fake():
+        allocator._state = {"applied": True, "why": "test"}
+        return dict(allocator._state)
+
+    monkeypatch.setattr(allocator, "_state", {"applied": False, "why": "not asked"})
+    monkeypatch.setattr(allocator, "reuse_freed_memory", fake)
+    out = tmp_path / "b.json"
+    assert main(["bench", "resnet20", "--res", "8", "--rounds", "1", "--iters", "1", "--warmup", "0", *flags,
+                 "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["device"]["allocator"]["applied"] is applied
+    assert payload["config"]["reuse_freed_memory"] is ("--no-reuse-freed-memory" not in flags)
+
+
 def test_batch_one_on_a_one_by_one_map():
     """se_resnet20 at 4x4 ends on a 1x1 map: at batch 1 a train-mode BN has one value per channel. The
     inference benchmark still runs (the memory figure, a training forward, is reported as not measured;

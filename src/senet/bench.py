@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from senet import allocator
+
 PAPER_CPU_MS = {"resnet50": 164.0, "se_resnet50": 167.0}  # SENet paper Sec. 5, one 224x224 image
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -44,6 +46,7 @@ class BenchConfig:
     rounds: int = 10
     iters: int = 5  # timed calls of each network per round
     seed: int = 0
+    reuse_freed_memory: bool = True  # CPU training steps: glibc keeps freed memory, as `senet train` does
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -336,7 +339,8 @@ def _config(args: argparse.Namespace) -> BenchConfig:
     if not args.model:
         raise ValueError("name a MODEL (registered name or checkpoint) or pass --paper")
     return BenchConfig(args.model, args.baseline, args.batch, args.res, args.device, args.channels_last,
-                       args.compile, args.train, args.runtime, args.warmup, args.rounds, args.iters)
+                       args.compile, args.train, args.runtime, args.warmup, args.rounds, args.iters,
+                       reuse_freed_memory=args.reuse_freed_memory)
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -345,6 +349,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _config(args)
+    if cfg.train and cfg.reuse_freed_memory and torch.device(cfg.device).type == "cpu":
+        allocator.reuse_freed_memory()  # time the step as `senet train` runs it; recorded in the provenance
     payload = run_bench(cfg)
     print(format_table(payload, cfg))
     if args.paper:
@@ -367,6 +373,9 @@ def add_parser(sub) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the models first")
     p.add_argument("--train", action="store_true", help="time a training step (forward + backward + SGD)")
+    p.add_argument("--no-reuse-freed-memory", dest="reuse_freed_memory", action="store_false",
+                   help="--train on CPU: leave glibc returning freed memory to the system (by default it keeps "
+                        "it, as senet train does: senet.allocator)")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
                    help="onnxruntime: export to ONNX (checked against eager) and time the session")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls of each model first")
