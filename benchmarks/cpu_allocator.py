@@ -1,6 +1,7 @@
 """What ``senet.allocator.reuse_freed_memory`` (glibc keeping freed memory; ``senet train``'s CPU default) does to
-a CPU training step: step time, page faults, system time and peak resident memory, with glibc's default and with
-it, for each network (default: se_resnet50 and resnet50, 224x224, batch 16, SGD with momentum, random data).
+a CPU training step (or, ``--infer``, an inference forward): step time, page faults, system time and peak resident
+memory, with glibc's default and with it, for each network (default: se_resnet50 and resnet50, 224x224, batch 16,
+SGD with momentum, random data).
 
 The setting is process-wide, so each side runs in its own fresh process: ``--pairs K`` pairs of processes, one
 after another (never side by side), the order within a pair alternating (default first, then reuse first, ...).
@@ -9,6 +10,9 @@ step, per pair, with a bootstrap interval over pairs (``senet.bench.paired_ratio
 se_resnet50 / resnet50 over its processes' rounds (issue 8's training-step target, ``clustered_ratio_ci``).
 
     python benchmarks/cpu_allocator.py --pairs 4 --steps 5 --threads 1 --tag amd_s22
+    python benchmarks/cpu_allocator.py --infer --batch 1 --pairs 4 --steps 40 --warmup 5 --threads 1 --tag amd_s22
+
+With ``--infer`` a step is one forward under ``inference_mode`` (results ``cpu_allocator_infer_*.json``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +39,34 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("default", "reuse")
 
 
-def child(args) -> dict:
-    """One process: ``args.child`` is the allocator side; every network's training step, rounds alternating."""
-    state = allocator.reuse_freed_memory() if args.child == "reuse" else allocator.state()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    nets = {n: create_model(n) for n in args.models}
-    opts = {n: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for n, m in nets.items()}
+def make_step(args, nets: dict) -> Callable[[str], None]:
+    """``--infer``: a forward under ``inference_mode`` (eval mode); else a training step (SGD with momentum)."""
     x, y = torch.randn(args.batch, 3, args.image_size, args.image_size), torch.randint(0, 1000, (args.batch,))
+    if args.infer:
+        for m in nets.values():
+            m.eval()
+
+        def forward(name):
+            with torch.inference_mode():
+                nets[name](x)
+        return forward
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for n, m in nets.items()}
 
     def step(name):
         opts[name].zero_grad(set_to_none=True)
         logits = nets[name](x)
         F.cross_entropy(logits, y % logits.shape[1]).backward()
         opts[name].step()
+    return step
+
+
+def child(args) -> dict:
+    """One process: ``args.child`` is the allocator side; every network's step, rounds alternating."""
+    state = allocator.reuse_freed_memory() if args.child == "reuse" else allocator.state()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    nets = {n: create_model(n) for n in args.models}
+    step = make_step(args, nets)
 
     for _ in range(args.warmup):
         for n in nets:
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["se_resnet50", "resnet50"])
+    p.add_argument("--infer", action="store_true", help="time inference forwards instead of training steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=5, help="measured rounds per process (one step of each network)")
@@ -134,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = run_pairs(args, argv)
     res = summarise(pairs, args.models)
     report(res, args.models)
-    path = RESULTS / f"cpu_allocator{'_' + args.tag if args.tag else ''}.json"
+    path = RESULTS / f"cpu_allocator{'_infer' if args.infer else ''}{'_' + args.tag if args.tag else ''}.json"
     torch.set_num_threads(args.threads)
     write_json(path, {**provenance(vars(args), "cpu"), "results": res, "pairs": pairs})
     print(f"wrote {path}")

@@ -485,7 +485,8 @@ def test_inplace_target_prices_the_parts_of_se_cost(tmp_path, monkeypatch):
     assert set(cost) == {"total", "conv", "native", "other"} and all(v["rounds"] == 2 for v in cost.values())
 
 
-def test_cpu_allocator_runs_each_side_in_its_own_processes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("infer", [False, True])
+def test_cpu_allocator_runs_each_side_in_its_own_processes(infer, tmp_path, monkeypatch):
     # real child processes (tiny CIFAR ResNets at 8x8); the summary is checked by hand against what they reported
     import json
 
@@ -495,8 +496,8 @@ def test_cpu_allocator_runs_each_side_in_its_own_processes(tmp_path, monkeypatch
     spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     assert bench.main(["--models", "se_resnet20", "resnet20", "--batch", "2", "--image-size", "8", "--steps", "2",
-                       "--warmup", "1", "--pairs", "2", "--tag", "t"]) == 0
-    out = json.loads((tmp_path / "cpu_allocator_t.json").read_text())
+                       "--warmup", "1", "--pairs", "2", "--tag", "t", *(["--infer"] if infer else [])]) == 0
+    out = json.loads((tmp_path / f"cpu_allocator{'_infer' if infer else ''}_t.json").read_text())
     pairs, res = out["pairs"], out["results"]
     assert [p["order"] for p in pairs] == [["default", "reuse"], ["reuse", "default"]]
     from senet import allocator
@@ -511,4 +512,5 @@ def test_cpu_allocator_runs_each_side_in_its_own_processes(tmp_path, monkeypatch
     base = sum(sum(p["reuse"]["step_s"]["resnet20"]) for p in pairs)
     assert res["se_resnet20_vs_resnet20"]["reuse"]["ratio"] == pytest.approx(se / base)
     assert res["peak_rss_mb"]["default"] == [p["default"]["peak_rss_mb"] for p in pairs]
-    assert out["config"]["pairs"] == 2 and "git_revision" in out and out["device"]["threads"] == 1
+    assert out["config"]["pairs"] == 2 and out["config"]["infer"] is infer
+    assert "git_revision" in out and out["device"]["threads"] == 1
