@@ -4,8 +4,9 @@ glibc serves a block of 32 MB or more (and, until its adaptive threshold has gro
 128 KB) with a fresh ``mmap`` and returns it to the kernel when freed; it also trims its heap whenever
 more than its threshold lies free at the top. A CPU training step frees most of its activations and
 gradients before the next step allocates them again, so every step page-faults them all back in, and
-the kernel zeroes each page first: ResNet-50 at batch 16 took ~350-500 thousand minor faults and
-0.8-1.8 s of system time a step on this project's machine (``benchmarks/cpu_allocator.py``).
+the kernel zeroes each page first: a batch-16 ResNet-50 step took 310-430 thousand minor faults and 0.8-1.2 s
+of system time on this project's machine, 3,000-16,000 and 0.04-0.2 s with this setting, and 0.89x the time
+(``benchmarks/cpu_allocator.py``, docs/performance.md).
 
 :func:`reuse_freed_memory` tells glibc to serve every block from its heap and keep what is freed
 (``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` = 2 GiB - 1), the same as ``MALLOC_MMAP_MAX_=0
