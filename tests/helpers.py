@@ -29,3 +29,20 @@ def randomize(module: nn.Module, std: float) -> nn.Module:
             elif name.endswith("running_mean"):
                 b.normal_(0, 0.1)
     return module.eval()
+
+
+def fake_allocator(monkeypatch) -> list:
+    """``senet.allocator.reuse_freed_memory`` replaced by a stand-in that records its calls (the list returned) and
+    leaves ``{"applied": True, "why": "test"}`` as the state, this process's allocator untouched."""
+    from senet import allocator
+
+    calls = []
+
+    def fake():
+        calls.append(1)
+        allocator._state = {"applied": True, "why": "test"}
+        return dict(allocator._state)
+
+    monkeypatch.setattr(allocator, "_state", {"applied": False, "why": "not asked"})
+    monkeypatch.setattr(allocator, "reuse_freed_memory", fake)
+    return calls

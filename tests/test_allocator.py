@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import fake_allocator
 
 from senet import allocator
 from senet.cli import main as cli_main
@@ -81,15 +82,7 @@ def test_other_allocators_and_user_settings_are_left_alone(monkeypatch, env, pla
 
 
 def test_train_applies_it_on_cpu_records_it_and_obeys_the_flag(tmp_path, monkeypatch):
-    calls = []
-
-    def fake():
-        calls.append(1)
-        allocator._state = {"applied": True, "why": "test"}
-        return dict(allocator._state)
-
-    monkeypatch.setattr(allocator, "_state", {"applied": False, "why": "not asked"})
-    monkeypatch.setattr(allocator, "reuse_freed_memory", fake)
+    calls = fake_allocator(monkeypatch)
     tiny = ["resnet20", "--image-size", "8", "--subset", "64", "--batch-size", "32", "--epochs", "1", "--quiet",
             "--device", "cpu"]
     assert cli_main(["train", *tiny, "--no-reuse-freed-memory", "--out", str(tmp_path / "off")]) == 0

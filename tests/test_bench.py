@@ -153,14 +153,9 @@ def test_cli_bench_json_with_provenance(tmp_path, capsys):
 @pytest.mark.parametrize("flags, applied", [(["--train"], True), (["--train", "--no-reuse-freed-memory"], False),
                                             ([], False)])
 def test_cli_bench_training_keeps_freed_memory_like_train(flags, applied, tmp_path, monkeypatch):
-    from senet import allocator
+    from helpers import fake_allocator
 
-    def fake():
-        allocator._state = {"applied": True, "why": "test"}
-        return dict(allocator._state)
-
-    monkeypatch.setattr(allocator, "_state", {"applied": False, "why": "not asked"})
-    monkeypatch.setattr(allocator, "reuse_freed_memory", fake)
+    fake_allocator(monkeypatch)
     out = tmp_path / "b.json"
     assert main(["bench", "resnet20", "--res", "8", "--rounds", "1", "--iters", "1", "--warmup", "0", *flags,
                  "--out", str(out)]) == 0

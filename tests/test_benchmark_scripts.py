@@ -114,15 +114,15 @@ def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch
     monkeypatch.setattr(se_overhead, "bandwidth", lambda numel, args: real_bandwidth(2**16, args))
     monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)  # main sets it: restore afterwards
     monkeypatch.setattr(se_overhead, "sgemm_gflops", lambda: 0.5)  # a slow core: the bound shows
-    from senet import allocator
+    from helpers import fake_allocator
 
-    monkeypatch.setattr(allocator, "_state", {"applied": False, "why": "not asked"})
-    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: allocator._state.update(why="asked") or {"why": ""})
+    calls = fake_allocator(monkeypatch)
     se_overhead.main(["block", "--device", device, "--batch", "2", "--rounds", "2", "--iters", "1", "--warmup", "1",
                       "--tag", "_test", "--reuse-freed-memory"])
     saved = json.loads((tmp_path / "se_overhead_block_test.json").read_text())
     assert saved["device"]["type"] == device and saved["config"]["device"] == device
-    assert saved["device"]["allocator"]["why"] == "asked" and saved["config"]["reuse_freed_memory"] is True
+    assert calls == [1] and saved["device"]["allocator"]["why"] == "test"
+    assert saved["config"]["reuse_freed_memory"] is True
     shape = saved["results"]["shapes"]["32x4x4"]
     assert shape["shape"] == [2, 32, 4, 4] and shape["fwd_vs_floor"]["ratio"] > 0
     assert shape["fc_bwd_ms"] > 0 and shape["fwd_bwd_vs_floor_plus_products"]["ratio"] > 0

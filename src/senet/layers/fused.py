@@ -374,9 +374,7 @@ def can_recompute(block: nn.Module, x: torch.Tensor) -> bool:
     enabled, nobody hooked on the block's sub-modules (their forward runs again in backward)."""
     if not (_ENABLED and torch.is_grad_enabled()) or _plain_ops_only() or torch.compiler.is_compiling():
         return False
-    if not trains_fused(x):
-        return False
-    if observed(block, *block.modules()):
+    if not trains_fused(x) or observed(block, *block.modules()):
         return False
     return x.requires_grad or any(p.requires_grad for p in block.parameters())
 
@@ -666,10 +664,9 @@ def scale_add_relu(attn: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, *,
     if _plain_ops_only() or not isinstance(attn.gate, nn.Sigmoid) or getattr(attn, "pool", "avg") != "avg":
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     params = tuple(attn.parameters()) if torch.is_grad_enabled() else ()
-    if not (params and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))):
-        return _plain(x, attn.gate(attn.logits(x)), shortcut)
     compiling = torch.compiler.is_compiling()
-    if not (compiling or trains_fused(x)):  # first: nothing to keep is computed
+    needs_grad = params and (x.requires_grad or shortcut.requires_grad or any(p.requires_grad for p in params))
+    if not (needs_grad and (compiling or trains_fused(x))):  # before anything to keep is computed
         return _plain(x, attn.gate(attn.logits(x)), shortcut)
     keep = (None, None, None)
     if source is not None and affine is not None:
