@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import fake_allocator
 from torch import nn
 
 from senet.bench import (
@@ -153,8 +154,6 @@ def test_cli_bench_json_with_provenance(tmp_path, capsys):
 @pytest.mark.parametrize("flags, applied", [(["--train"], True), (["--train", "--no-reuse-freed-memory"], False),
                                             ([], False)])
 def test_cli_bench_training_keeps_freed_memory_like_train(flags, applied, tmp_path, monkeypatch):
-    from helpers import fake_allocator
-
     fake_allocator(monkeypatch)
     out = tmp_path / "b.json"
     assert main(["bench", "resnet20", "--res", "8", "--rounds", "1", "--iters", "1", "--warmup", "0", *flags,

@@ -1,22 +1,34 @@
 """The benchmark scripts' own machinery (their timings are not tests: see docs/performance.md)."""
 
 import importlib.util
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import fake_allocator
 from torch import nn
 
+from senet import allocator
 from senet.layers import create_attention, native
 from senet.models import _attn
 from senet.models.resnet import ResNet
 
-_SPEC = importlib.util.spec_from_file_location(
-    "se_overhead", Path(__file__).resolve().parents[1] / "benchmarks" / "se_overhead.py")
-se_overhead = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(se_overhead)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+se_overhead = _benchmark("se_overhead")
 needs_kernels = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or native._disabled_by_env(),
                                    reason="the native kernels need a C compiler (and SENET_NATIVE not 0)")
 
@@ -50,14 +62,8 @@ def test_paired_difference_keeps_rounds_together():
 
 
 def _probe():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "fused_kernel_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "fused_kernel_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(BENCHMARKS))
+    return _benchmark("fused_kernel_probe")
 
 
 def test_fused_squeeze_probe_matches_torch(tmp_path, monkeypatch):
@@ -106,16 +112,12 @@ def test_device_flag_names_what_is_wrong(capsys):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_block_target_runs_where_asked_and_says_so(device, tmp_path, monkeypatch):
-    import json
-
     real_bandwidth = se_overhead.bandwidth
     monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
     monkeypatch.setattr(se_overhead, "SE_SHAPES", [(32, 4)])
     monkeypatch.setattr(se_overhead, "bandwidth", lambda numel, args: real_bandwidth(2**16, args))
     monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)  # main sets it: restore afterwards
     monkeypatch.setattr(se_overhead, "sgemm_gflops", lambda: 0.5)  # a slow core: the bound shows
-    from helpers import fake_allocator
-
     calls = fake_allocator(monkeypatch)
     se_overhead.main(["block", "--device", device, "--batch", "2", "--rounds", "2", "--iters", "1", "--warmup", "1",
                       "--tag", "_test", "--reuse-freed-memory"])
@@ -157,8 +159,6 @@ def test_fc_products_are_the_fcs_forward_and_backward_products():
 
 def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
     # the wiring of --modes for the resnet target, without timing ResNet-50s: what each run is asked to do
-    import json
-
     import torch._inductor.config as inductor_config
 
     calls = []
@@ -254,8 +254,6 @@ def test_processes_run_one_after_another_and_pool(tmp_path, monkeypatch):
     # each "process" runs main with the parent's arguments but --processes, writing where --child-out says; the
     # parent pools what they wrote. Here a process is main called in this one (no ResNet-50s timed: run_subjects
     # gives each process its own made-up rounds), and in the end a second process fails.
-    import json
-
     seen, runs = [], []
 
     def fake_run_subjects(models, cfg, batch):
@@ -310,8 +308,6 @@ def test_processes_run_one_after_another_and_pool(tmp_path, monkeypatch):
 
 def _results_file(path, results: dict, processes: int | None = None, **config) -> str:
     """A results file as this script writes it: one process's, or with ``processes`` a --processes run's."""
-    import json
-
     prov = {"git_revision": "abc", "created": "2026-11-22T10:00:00+0000", "load_avg_before": [0.1, 0.1, 0.1],
             "load_avg_after": [0.2, 0.2, 0.2]}
     cfg = {"target": "resnet", "device": "cpu", "threads": 1, "pair": True, "modes": None, "infer_batch": [16],
@@ -325,8 +321,6 @@ def _results_file(path, results: dict, processes: int | None = None, **config) -
 
 
 def test_pool_files_pools_every_process_of_every_file(tmp_path, monkeypatch):
-    import json
-
     a1, a2 = _case([0.011, 0.011], [0.010, 0.010], 1.0), _case([0.026, 0.013], [0.020, 0.010], 2.0)
     b = _case([0.030, 0.031, 0.029], [0.030, 0.030, 0.030], 3.0)
     fa = _results_file(tmp_path / "a.json", {"infer_b16": [a1, a2]}, processes=2, rounds=2)  # a --processes 2 run
@@ -409,8 +403,6 @@ def test_pool_flag_goes_alone_with_resnet_or_timm(argv, capsys, monkeypatch):
 
 
 def test_pool_target_sets_senets_pooling_against_pytorchs(tmp_path, monkeypatch):
-    import json
-
     from senet.layers.pool import MaxPool2d
     from senet.models import ResNet
 
@@ -468,8 +460,6 @@ def test_inplace_clock_counts_every_conv_and_kernel_call_and_changes_nothing():
 
 @needs_kernels
 def test_inplace_target_prices_the_parts_of_se_cost(tmp_path, monkeypatch):
-    import json
-
     monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
     monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
     se_overhead.main(["inplace", "--infer-batch", "1", "--rounds", "2", "--iters", "1", "--warmup", "1",
@@ -488,20 +478,13 @@ def test_inplace_target_prices_the_parts_of_se_cost(tmp_path, monkeypatch):
 @pytest.mark.parametrize("infer", [False, True])
 def test_cpu_allocator_runs_each_side_in_its_own_processes(infer, tmp_path, monkeypatch):
     # real child processes (tiny CIFAR ResNets at 8x8); the summary is checked by hand against what they reported
-    import json
-
-    spec = importlib.util.spec_from_file_location(
-        "cpu_allocator", Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_allocator.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("cpu_allocator")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     assert bench.main(["--models", "se_resnet20", "resnet20", "--batch", "2", "--image-size", "8", "--steps", "2",
                        "--warmup", "1", "--pairs", "2", "--tag", "t", *(["--infer"] if infer else [])]) == 0
     out = json.loads((tmp_path / f"cpu_allocator{'_infer' if infer else ''}_t.json").read_text())
     pairs, res = out["pairs"], out["results"]
     assert [p["order"] for p in pairs] == [["default", "reuse"], ["reuse", "default"]]
-    from senet import allocator
-
     for p in pairs:
         assert p["default"]["allocator"]["applied"] is False
         assert p["reuse"]["allocator"]["applied"] is (allocator._unsupported() is None)

@@ -46,7 +46,9 @@ class BenchConfig:
     rounds: int = 10
     iters: int = 5  # timed calls of each network per round
     seed: int = 0
-    reuse_freed_memory: bool = True  # CPU training steps: glibc keeps freed memory, as `senet train` does
+    # CPU training steps: glibc keeps freed memory, as `senet train` does. Process-wide, so the `senet bench`
+    # command applies it before run_bench (which only records it); a library caller calls senet.allocator itself.
+    reuse_freed_memory: bool = True
 
 
 # ----------------------------------------------------------------------------- statistics
