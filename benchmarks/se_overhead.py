@@ -62,7 +62,7 @@ from senet.flops import count_macs
 from senet.layers import create_attention, native
 from senet.layers.fused import reference_path
 from senet.layers.pool import MaxPool2d
-from senet.models import create_model
+from senet.models import create_model, freeze
 
 CPU = torch.device("cpu")
 DEVICE = CPU  # where every target runs (``--device``; main sets it): one device per process
@@ -479,6 +479,8 @@ def bench_resnet(args) -> dict:
         torch._dynamo.reset()  # compiled code is shared by module instances: a mode must not reuse another's
         se, r50 = create_model("se_resnet50"), create_model("resnet50")
         models = {"se_resnet50": se, "se_resnet50_unfused": unfused(copy.deepcopy(se)), "resnet50": r50}
+        if mode == "frozen":  # senet.freeze: both networks' checks made once (inference only)
+            models = {"se_resnet50": freeze(se), "resnet50": freeze(r50)}
         if mode == "channels_last":
             models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
         # eager inference is where the native unit ends run: the same networks on PyTorch's ops beside them
@@ -488,15 +490,15 @@ def bench_resnet(args) -> dict:
             if mode != "eager":
                 print(f"{mode}:")
             subjects = models
-            if args.pair:
-                subjects = {"se_resnet50": se, "resnet50": r50}
+            if args.pair or mode == "frozen":
+                subjects = {"se_resnet50": models["se_resnet50"], "resnet50": models["resnet50"]}
             elif mode == "eager" and not cfg.train:
                 subjects = {"se_resnet50": se, **ops, "se_resnet50_unfused": models["se_resnet50_unfused"],
                             "resnet50": r50}
             with inductor_freezing(mode == "compile_frozen"):
                 res = results[prefix + key] = run_subjects(subjects, cfg, batch)
             r = res["per_round_s"]
-            if mode == "eager" and not cfg.train:
+            if mode in ("eager", "frozen") and not cfg.train:
                 res["se_traffic_floor"] = cost_against_floor(se, batch, r["se_resnet50"], r["resnet50"])
             if "resnet50_pytorch_ops" in subjects:
                 res["vs_resnet50_pytorch_ops"] = {n: ratio(r[n], r["resnet50_pytorch_ops"])
@@ -575,8 +577,8 @@ def network_cases(args, mode: str = "eager") -> list[tuple[str, BenchConfig, int
                                          iters=args.iters, **opts), b) for b in args.infer_batch]
     train = [(f"train_b{b}", BenchConfig("se_resnet50", "resnet50", train=True, warmup=1, rounds=args.train_rounds,
                                          iters=1, **opts), b) for b in args.train_batch]
-    if mode == "compile_frozen" and train:
-        print("compile_frozen: inference only (freezing folds the weights as constants); training skipped")
+    if mode in ("compile_frozen", "frozen") and train:
+        print(f"{mode}: inference only (the weights are frozen); training skipped")
         train = []
     return infer + train
 
@@ -752,6 +754,8 @@ def timm_pair() -> dict[str, nn.Module]:
 
 
 def bench_timm(args) -> dict:
+    if "frozen" in (args.modes or []):
+        raise SystemExit("timm: --modes frozen is for the resnet target (senet.freeze has no timm counterpart)")
     results = {}
     for mode in args.modes or ["eager", "channels_last", "compile"]:
         torch._dynamo.reset()
@@ -979,9 +983,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--pair", action="store_true",
                    help="resnet: se_resnet50 and resnet50 only (more rounds in the same time)")
-    p.add_argument("--modes", nargs="+", choices=["eager", "channels_last", "compile", "compile_frozen"],
+    p.add_argument("--modes", nargs="+", choices=["eager", "channels_last", "compile", "compile_frozen", "frozen"],
                    help="timm (default: eager channels_last compile), resnet and memory (default: eager; memory: "
-                        "eager, compile); compile_frozen: torch.compile with inductor's freezing, inference only")
+                        "eager, compile); compile_frozen: torch.compile with inductor's freezing, inference only; "
+                        "frozen (resnet): senet.freeze, inference only")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)

@@ -175,9 +175,13 @@ class ResNet(PooledClassifier):
         self._add_head(cin, num_classes, drop_rate, features_only)
         _init_weights(self)
 
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: conv, BN, ReLU and max pooling, (B, 64|128, H/4, W/4)."""
+        return self.maxpool(conv_bn_relu(self.conv1, self.bn1, self.act, x)[0])
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of each stage: (B, C_k, H / 2^(k+1), W / 2^(k+1)) for k = 1..4."""
-        x = self.maxpool(conv_bn_relu(self.conv1, self.bn1, self.act, x)[0])  # (B, 64|128, H/4, W/4)
+        x = self.forward_stem(x)
         feats = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)

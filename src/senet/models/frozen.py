@@ -1,0 +1,263 @@
+"""Frozen CPU inference for senet's ResNet family: the fast path's checks made once, at freeze time.
+
+In eager inference every residual unit end checks, on every call, that its native kernel applies: the modules'
+types and hooks, BN's mode, each weight's dtype, layout and size (``senet.layers.native``). Alone these checks
+take microseconds, but inside a network at batch 1 the convolutions between two unit ends push the objects they
+read out of the caches, and timed there (se_resnet50, batch 1, one thread) the 16 SE unit ends spent ~1.4 ms a
+forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, "Frozen inference").
+
+:func:`freeze` returns a snapshot of the model that runs each unit from a plan made once: its convolutions
+through ``F.conv2d`` with their arguments kept, its BN + ReLU passes and its unit end (SE or plain) as the
+same native kernels with the weights' addresses kept. The outputs are bit for bit the eager model's (same
+kernels, same arguments, same decisions), and only the activations are checked per call. This is the contract
+of inductor's and TorchScript's freezing: the snapshot does not follow later changes made inside it (hooks
+registered on its modules, modules or parameters replaced, ``.data`` reassigned). Changes made through the
+frozen model itself are followed: ``.to()``/``.float()``/``.double()`` and the like plan it again,
+``load_state_dict`` copies into the tensors the plans read, ``train()`` and autograd, tracing, compiling,
+exporting, global hooks, other dtypes, devices or layouts all run the snapshot's own eager forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module
+
+from senet.layers import fused, native
+
+from .resnet import BasicBlock, Bottleneck, ResNet
+
+_F32 = torch.float32
+
+
+def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor sharing ``t``'s storage: keeps the memory a plan points to alive whatever happens to ``t``."""
+    return None if t is None else t.detach()
+
+
+def _conv_args(conv: nn.Module) -> tuple | None:
+    """``F.conv2d``'s arguments after the input for a plain, unhooked, zero-padded ``nn.Conv2d`` with NCHW float32
+    weights (its forward is exactly that call), or None."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or fused.observed(conv):
+        return None
+    w, b = conv._parameters["weight"], conv._parameters.get("bias")
+    if w is None or not native._float_params((w,), w.numel()) or not native._float_params((b,), w.shape[0]):
+        return None
+    return _alias(w), _alias(b), conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _bn_args(bn: nn.Module, channels: int) -> tuple | None:
+    """The native kernels' BN arguments (running mean, running variance, weight, bias addresses, eps) for an
+    unhooked eval-mode ``nn.BatchNorm2d`` over ``channels`` (``native._bn_tensors``), with the tensors kept."""
+    if fused.observed(bn) or (ts := native._bn_tensors(bn, channels)) is None:
+        return None
+    w, b, rm, rv = (_alias(t) for t in ts)
+    return (rm.data_ptr(), rv.data_ptr(), native._ptr(w), native._ptr(b), bn.eps), (w, b, rm, rv)
+
+
+def _downsample(down: nn.Module, channels: int) -> tuple | None:
+    """("identity",) for ``nn.Identity``; ("conv_bn", conv args, BN tensors, eps) for ``nn.Sequential(conv, bn)``
+    run as its modules would (``F.conv2d``, then ``F.batch_norm`` on running statistics); else None."""
+    if type(down) is nn.Identity and not fused.observed(down):
+        return ("identity",)
+    if type(down) is not nn.Sequential or len(down) != 2 or fused.observed(down):
+        return None
+    conv, bn = down[0], down[1]
+    conv_args, bn_args = _conv_args(conv), _bn_args(bn, channels)
+    if conv_args is None or bn_args is None:
+        return None
+    w, b, rm, rv = bn_args[1]
+    return "conv_bn", conv_args, (rm, rv, w, b), bn.eps
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernels read it (a convolution may hand back another layout); the same values."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class _UnitPlan:
+    """One residual unit (``Bottleneck`` or ``BasicBlock``) with SE at ``standard`` or no attention, run as its
+    eager inference runs it (``Bottleneck.forward``, ``AttnUnit._merge``, ``native``), minus the checks."""
+
+    def __init__(self, convs: list[tuple], bns: list[tuple], down: tuple, se: tuple | None, through: tuple | None,
+                 lib, keep: list):
+        self.convs, self.bns, self.down, self.se, self.through, self.lib = convs, bns, down, se, through, lib
+        self.keep = keep  # the tensors whose addresses the plan holds (aliases: the memory stays valid)
+        self.squeeze_mean = se is not None and len(convs) == 3  # Bottleneck: the 3x3's pass gives mean_hw h
+
+    @classmethod
+    def build(cls, unit: nn.Module, lib) -> _UnitPlan | None:
+        """The plan of ``unit``, or None where its eager forward must run (another attention or placement, hooks,
+        other module types, weights that are not float32 NCHW on the CPU)."""
+        if type(unit) not in (Bottleneck, BasicBlock) or unit.attn_placement != "standard" or fused.observed(unit):
+            return None
+        act, attn = unit._modules["act"], unit._modules["attn"]
+        if type(act) is not nn.ReLU or fused.observed(act):
+            return None
+        names = ("1", "2", "3") if type(unit) is Bottleneck else ("1", "2")
+        mods = unit._modules
+        convs = [_conv_args(mods["conv" + k]) for k in names]
+        bns = [_bn_args(mods["bn" + k], mods["conv" + k].out_channels) for k in names]
+        if any(a is None for a in convs) or any(a is None for a in bns):
+            return None
+        out_channels = mods["conv" + names[-1]].out_channels
+        down = _downsample(mods["downsample"], out_channels)
+        if down is None:
+            return None
+        keep = [t for a in convs for t in a[:2]] + [t for a in bns for t in a[1]]
+        se = through = None
+        if type(attn) is nn.Identity:
+            if fused.observed(attn):
+                return None
+        elif fused.can_fuse(attn, act) and (weights := native._se_weights(attn, out_channels)) is not None:
+            w1, b1, w2, b2 = (_alias(t) for t in weights)
+            keep += [w1, b1, w2, b2]
+            se = (w1.data_ptr(), native._ptr(b1), w2.data_ptr(), native._ptr(b2), w1.shape[0])
+            last = mods["conv" + names[-1]]
+            if fused.plain_pointwise_conv(last):  # the squeeze may read conv3's input (native._through_conv)
+                w3, b3 = convs[-1][0], convs[-1][1]
+                through = (w3.data_ptr(), native._ptr(b3), w3.numel(), w3.shape[1])
+        else:
+            return None
+        return cls(convs, [a[0] for a in bns], down, se, through, lib, keep)
+
+    def _bn_relu(self, c: torch.Tensor, bn: tuple, nt: int, mean: bool) -> torch.Tensor | None:
+        """``relu(bn(c))`` into ``c`` (``native.bn_relu``, in place), returning mean_hw of it (B, C) if asked."""
+        n, ch, h, w = c.shape
+        tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
+        hm = tmp[2 * ch:].view(n, ch) if mean else None
+        rm, rv, bw, bb, eps = bn
+        self.lib.senet_bn_relu(c.data_ptr(), c.data_ptr(), rm, rv, bw, bb, eps, n, ch, h * w,
+                               native._ptr(hm), tmp.data_ptr(), nt)
+        return hm
+
+    def __call__(self, x: torch.Tensor, nt: int) -> torch.Tensor:
+        convs, bns = self.convs, self.bns
+        if self.down[0] == "identity":
+            shortcut = x
+        else:
+            _, (w, b, stride, padding, dilation, groups), (rm, rv, bw, bb), eps = self.down
+            shortcut = _contiguous(F.batch_norm(F.conv2d(x, w, b, stride, padding, dilation, groups),
+                                                rm, rv, bw, bb, False, 0.0, eps))
+        h, h_mean = x, None
+        for i in range(len(convs) - 1):
+            w, b, stride, padding, dilation, groups = convs[i]
+            h = _contiguous(F.conv2d(h, w, b, stride, padding, dilation, groups))
+            h_mean = self._bn_relu(h, bns[i], nt, self.squeeze_mean and i == len(convs) - 2)
+        w, b, stride, padding, dilation, groups = convs[-1]
+        c = _contiguous(F.conv2d(h, w, b, stride, padding, dilation, groups))
+        n, ch, hh, ww = c.shape
+        rm, rv, bw, bb, eps = bns[-1]
+        if shortcut.shape != c.shape:
+            raise RuntimeError(f"frozen unit: shortcut {tuple(shortcut.shape)} and branch {tuple(c.shape)} differ")
+        if self.se is None:
+            tmp = c.new_empty(2 * ch)
+            self.lib.senet_bn_add_relu(c.data_ptr(), shortcut.data_ptr(), c.data_ptr(), rm, rv, bw, bb, eps,
+                                       n, ch, hh * ww, tmp.data_ptr(), nt)
+            return c
+        w1, b1, w2, b2, r = self.se
+        hin = w3 = b3 = hm = None
+        ch_in = 0
+        if self.through is not None:  # native._through_conv's rule, on the same sizes
+            pw3, pb3, w3_numel, w3_in = self.through
+            hm_ok = h_mean is not None
+            saving = c.numel() - (0 if hm_ok else h.numel()) - w3_numel
+            if saving >= native.SQUEEZE_THROUGH_CONV_MIN_SAVING and w3_numel * n <= 4 * saving:
+                hin, w3, b3, ch_in = h.data_ptr(), pw3, pb3, w3_in
+                hm = h_mean.data_ptr() if hm_ok else None
+        tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
+        self.lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), c.data_ptr(), rm, rv, bw, bb, eps, w1, b1,
+                                   w2, b2, n, ch, r, hh * ww, hin, w3, b3, ch_in, hm, tmp.data_ptr(), nt)
+        return c
+
+
+def _eager_step(unit: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    return lambda x, nt: unit(x)
+
+
+class FrozenResNet(nn.Module):
+    """What :func:`freeze` returns: ``model`` (a snapshot) with a plan per residual unit. Call it like the model;
+    ``model`` is the snapshot itself (its eager forward runs wherever the plans do not apply)."""
+
+    def __init__(self, model: ResNet):
+        super().__init__()
+        self.model = model
+        self._plan()
+
+    def _plan(self) -> None:
+        lib = native.library()
+        self.planned = 0
+        self._stages: list[list[Callable]] = []
+        for k in range(1, 5):
+            steps = []
+            for unit in self.model._modules[f"layer{k}"]:
+                plan = _UnitPlan.build(unit, lib) if lib is not None else None
+                self.planned += plan is not None
+                steps.append(plan if plan is not None else _eager_step(unit))
+            self._stages.append(steps)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .double(), .cuda(), ...: plan the result again
+        out = super()._apply(fn, recurse)
+        self._plan()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._plan()  # with assign=True the parameters are new tensors
+        return out
+
+    def __getstate__(self):  # copy.deepcopy, pickle: the plans hold addresses, so a copy plans its own
+        state = self.__dict__.copy()
+        state.pop("_stages", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._plan()
+
+    def _ready(self, x: torch.Tensor) -> bool:
+        """Whether this call may run the plans: eager CPU float32 NCHW inference, nothing watching."""
+        return (not self.training and not torch.is_grad_enabled() and fused._ENABLED and not native._off
+                and native._state["lib"] is not None and type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu
+                and x.dim() == 4 and x.is_contiguous() and not native._cpu_autocast() and fused.eager()
+                and not (_module._global_forward_hooks or _module._global_forward_pre_hooks
+                         or _module._global_backward_hooks or _module._global_backward_pre_hooks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        model = self.model
+        nt = native._threads() if self.planned else None
+        if nt is None or not self._ready(x):
+            return model(x)
+        x = model.forward_stem(x)
+        feats = []
+        for steps in self._stages:
+            for step in steps:
+                x = step(x, nt)
+            feats.append(x)
+        return feats if model.features_only else model.forward_head(x)
+
+
+def freeze(model: nn.Module) -> FrozenResNet:
+    """A frozen snapshot of ``model`` (one of senet's ResNet family: resnet*, se_resnet*, resnext*, se_resnext*,
+    senet154, ...) for CPU inference, in eval mode: the same outputs, bit for bit, with the fast path's checks
+    made once here instead of on every call (see the module docstring for what the snapshot does not follow).
+
+    Units with other attention blocks or placements, hooks or other module types keep their eager forward;
+    ``FrozenResNet.planned`` counts those that run from a plan. The model is copied: it is left as it was.
+    """
+    if not isinstance(model, ResNet):
+        raise TypeError(f"senet.freeze takes one of senet's ResNet-family models (resnet*, se_resnet*, "
+                        f"se_resnext*, senet154, ...), got {type(model).__name__}; other models run as they are "
+                        "(or with torch.compile)")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"senet.freeze plans CPU inference; the model is on {sorted(devices)}: freeze it on the "
+                         "CPU (model.cpu()), or use it as it is there")
+    return FrozenResNet(copy.deepcopy(model).eval())
+
+
+__all__ = ["FrozenResNet", "freeze"]
