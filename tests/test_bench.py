@@ -135,6 +135,28 @@ def test_onnxruntime_and_train_modes():
         run_bench(BenchConfig("se_resnet20", runtime="onnxruntime", train=True))
 
 
+def test_frozen_bench_times_the_frozen_networks(monkeypatch, capsys):
+    from senet.models import FrozenResNet
+
+    calls = []
+    forward = FrozenResNet.forward
+    monkeypatch.setattr(FrozenResNet, "forward", lambda self, x: calls.append(type(self.model).__name__)
+                        or forward(self, x))
+    payload = run_bench(BenchConfig("se_resnet18", "resnet18", batch=[1], res=32, rounds=2, iters=1, warmup=1,
+                                    frozen=True))
+    assert set(calls) == {"ResNet"} and len(calls) >= 2 * (1 + 2)  # both networks: warm-up + 2 rounds (+ memory)
+    subjects = {s["name"]: s for s in payload["subjects"]}
+    assert subjects["se_resnet18"]["params"] > subjects["resnet18"]["params"]  # counted through the snapshot
+    assert payload["batches"][1]["overhead"]["rounds"] == 2
+    for flags in ({"train": True}, {"compile": True}, {"channels_last": True}, {"runtime": "onnxruntime"}):
+        with pytest.raises(ValueError, match="--frozen times senet.freeze"):
+            run_bench(BenchConfig("resnet18", batch=[1], res=32, frozen=True, **flags))
+    with pytest.raises(ValueError, match="--frozen: senet.freeze takes one of senet's ResNet-family"):
+        run_bench(BenchConfig("resnet20", batch=[1], res=8, frozen=True, rounds=1, iters=1))
+    assert main(["bench", "resnet20", "--frozen", "--res", "8", "--rounds", "1", "--iters", "1"]) == 2
+    assert "ResNet-family" in capsys.readouterr().err
+
+
 def test_cli_bench_json_with_provenance(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["bench", "se_resnet20", "--baseline", "resnet20", "--res", "8", "--rounds", "2", "--iters", "1",

@@ -196,6 +196,27 @@ def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
     assert [c[6] for c in calls] == [["resnet50", "se_resnet50"]] * 2  # --pair: the two networks alone
 
 
+def test_resnet_target_frozen_mode_times_the_frozen_pair(tmp_path, monkeypatch):
+    from senet.models import FrozenResNet
+
+    calls = []
+
+    def record(models, cfg, batch):
+        calls.append((cfg.train, batch, {n: type(m).__name__ for n, m in models.items()}))
+        return {"per_round_s": {n: [0.1, 0.2, 0.3] for n in models}}
+
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "run_subjects", record)
+    monkeypatch.setattr(se_overhead, "create_model", lambda name: ResNet(
+        "basic", [1, 1, 1, 1], attn="se" if name.startswith("se_") else None, num_classes=10))
+    se_overhead.main(["resnet", "--modes", "frozen", "--infer-batch", "1", "--train-batch", "2", "--tag", "_fz"])
+    saved = json.loads((tmp_path / "se_overhead_resnet_fz.json").read_text())
+    assert sorted(saved["results"]) == ["frozen_infer_b1"]  # inference only: the training case is skipped
+    assert calls == [(False, 1, {"se_resnet50": FrozenResNet.__name__, "resnet50": FrozenResNet.__name__})]
+    with pytest.raises(SystemExit, match="resnet target"):
+        se_overhead.main(["timm", "--modes", "frozen"])
+
+
 def test_traffic_floor_counts_the_bytes_only_se_moves():
     # SE's FC weights, and per unit the smaller of c and (h, W3), against the shapes worked out by hand:
     # stage k of a 224x224 bottleneck ResNet has c = B x C x H x H with C = 256 * 2^(k-1), H = 56 / 2^(k-1),

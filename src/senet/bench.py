@@ -49,6 +49,7 @@ class BenchConfig:
     # CPU training steps: glibc keeps freed memory, as `senet train` does. Process-wide, so the `senet bench`
     # command applies it before run_bench (which only records it); a library caller calls senet.allocator itself.
     reuse_freed_memory: bool = True
+    frozen: bool = False  # senet.freeze the models first (ResNet family, CPU float32 inference)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -261,9 +262,10 @@ def _memory(model: nn.Module, x: torch.Tensor, step, cfg: BenchConfig, device: t
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def _subject(spec: str, res: int | None, device: torch.device, channels_last: bool) -> Subject:
+def _subject(spec: str, res: int | None, device: torch.device, channels_last: bool, frozen: bool = False) -> Subject:
     from senet.export import load_spec
     from senet.flops import count_macs, count_params
+    from senet.models import freeze
 
     loaded = load_spec(spec)
     c, h, w = loaded.input_size
@@ -271,7 +273,13 @@ def _subject(spec: str, res: int | None, device: torch.device, channels_last: bo
     model = loaded.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Subject(spec, model, size, count_params(model), count_macs(model, size, device=device))
+    macs = count_macs(model, size, device=device)
+    if frozen:
+        try:
+            model = freeze(model)
+        except TypeError as err:  # not a ResNet-family model: say so as the command's other errors do
+            raise ValueError(f"--frozen: {err}") from None
+    return Subject(spec, model, size, count_params(model), macs)
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -280,11 +288,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {cfg.runtime!r}")
     if cfg.runtime == "onnxruntime" and (cfg.train or cfg.device != "cpu" or cfg.compile):
         raise ValueError("--runtime onnxruntime benchmarks CPU inference only; drop --train/--compile/--device")
+    if cfg.frozen and (cfg.train or cfg.compile or cfg.channels_last or cfg.runtime != "torch"
+                       or torch.device(cfg.device).type != "cpu"):
+        raise ValueError("--frozen times senet.freeze's CPU inference (float32, NCHW, eager): drop --train, --compile, "
+                         "--channels-last, --runtime and --device")
     if cfg.rounds < 1 or cfg.iters < 1 or any(b < 1 for b in cfg.batch):
         raise ValueError(f"rounds={cfg.rounds}, iters={cfg.iters} and batch={cfg.batch} must all be >= 1")
     device = torch.device(cfg.device)
     specs = [cfg.model] + ([cfg.baseline] if cfg.baseline else [])
-    subjects = [_subject(s, cfg.res, device, cfg.channels_last) for s in specs]
+    subjects = [_subject(s, cfg.res, device, cfg.channels_last, cfg.frozen) for s in specs]
     if len({s.input_size for s in subjects}) > 1:
         raise ValueError(f"model and baseline expect different inputs {[s.input_size for s in subjects]}; "
                          "pass --res and compare networks with the same input channels")
@@ -342,7 +354,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         raise ValueError("name a MODEL (registered name or checkpoint) or pass --paper")
     return BenchConfig(args.model, args.baseline, args.batch, args.res, args.device, args.channels_last,
                        args.compile, args.train, args.runtime, args.warmup, args.rounds, args.iters,
-                       reuse_freed_memory=args.reuse_freed_memory)
+                       reuse_freed_memory=args.reuse_freed_memory, frozen=args.frozen)
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -374,6 +386,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the models first")
+    p.add_argument("--frozen", action="store_true",
+                   help="senet.freeze the models first (ResNet family; CPU inference: the same outputs, the fast "
+                        "path's checks made once)")
     p.add_argument("--train", action="store_true", help="time a training step (forward + backward + SGD)")
     p.add_argument("--no-reuse-freed-memory", dest="reuse_freed_memory", action="store_false",
                    help="--train on CPU: leave glibc returning freed memory to the system (by default it keeps "

@@ -257,7 +257,7 @@ def freeze(model: nn.Module) -> FrozenResNet:
     if devices - {"cpu"}:
         raise ValueError(f"senet.freeze plans CPU inference; the model is on {sorted(devices)}: freeze it on the "
                          "CPU (model.cpu()), or use it as it is there")
-    return FrozenResNet(copy.deepcopy(model).eval())
+    return FrozenResNet(copy.deepcopy(model)).eval()
 
 
 __all__ = ["FrozenResNet", "freeze"]

@@ -1,0 +1,204 @@
+"""senet.freeze: the frozen snapshot gives the eager model's outputs bit for bit, runs its units from plans
+(where they apply), and steps aside, or follows, where its contract says."""
+
+import copy
+import io
+import shutil
+
+import pytest
+import torch
+from helpers import perturb_bn
+from torch import nn
+
+import senet
+from senet.layers import native
+from senet.layers.fused import reference_path
+from senet.models import FrozenResNet, ResNet, create_model, freeze
+from senet.models import frozen as frozen_mod
+
+HAVE_CC = native._compiler() is not None and shutil.which(native._compiler() or "") is not None
+needs_kernels = pytest.mark.skipif(not HAVE_CC or native._disabled_by_env(), reason="no C compiler, or SENET_NATIVE=0")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the kernels run one thread unless built with OpenMP; with more, eager and frozen both use PyTorch's ops
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def plan_calls(monkeypatch):
+    """How many times a unit ran from its plan."""
+    calls = []
+    call = frozen_mod._UnitPlan.__call__
+    monkeypatch.setattr(frozen_mod._UnitPlan, "__call__", lambda self, x, nt: calls.append(self) or call(self, x, nt))
+    return calls
+
+
+def small(name: str = "se_resnet50", **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return perturb_bn(create_model(name, num_classes=10, **kw))
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name, planned", [("se_resnet50", 16), ("resnet50", 16), ("se_resnet18", 8),
+                                           ("resnet18", 8), ("se_resnext50_32x4d", 16), ("legacy_se_resnet50", 16)])
+@pytest.mark.parametrize("batch, res", [(1, 64), (16, 32)])  # batch 16: the squeeze through conv3 at stages 1-3
+def test_frozen_gives_the_eager_outputs_bit_for_bit(name, planned, batch, res, plan_calls):
+    model = small(name)
+    frozen = freeze(model)
+    assert isinstance(frozen, FrozenResNet) and frozen.planned == planned and not frozen.training
+    x = torch.randn(batch, 3, res, res)
+    want = run(model, x)
+    assert torch.equal(run(frozen, x), want)
+    assert len(plan_calls) == planned  # every planned unit ran from its plan
+    with reference_path(), native.off():  # and against PyTorch's unfused ops, independently of the kernels
+        torch.testing.assert_close(run(model, x), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_the_plans_run_and_the_modules_do_not():
+    # a plan calls no module of its unit: a forward pre-hook counts the convolutions that ran as modules
+    model = small("se_resnet18")
+    frozen = freeze(model)
+    called = []
+    for m in frozen.model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, args: called.append(mod))  # after freezing: not seen
+    x = torch.randn(2, 3, 32, 32)
+    out = run(frozen, x)
+    assert len(called) == 1 and called[0] is frozen.model.conv1  # the stem only: it is not planned
+    assert torch.equal(out, run(model, x))
+
+
+@needs_kernels
+def test_units_that_cannot_be_planned_keep_their_forward():
+    model = small("se_resnet18")
+    model.layer2[0].bn1.register_forward_hook(lambda m, i, o: o * 2)  # hooked before freezing: that unit runs eagerly
+    frozen = freeze(model)
+    assert frozen.planned == 7
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(run(frozen, x), run(model, x))
+    eca = freeze(small("eca_resnet50"))  # another attention block: every unit eager, same outputs
+    assert eca.planned == 0
+    assert torch.equal(run(eca, x), run(eca.model, x))
+    mixed = small("resnet18", attn="se", attn_stages=[2, 4], attn_placement="standard")
+    assert freeze(mixed).planned == 8 and torch.equal(run(freeze(mixed), x), run(mixed, x))
+    post = small("resnet18", attn="se", attn_placement="post")
+    assert freeze(post).planned == 0 and torch.equal(run(freeze(post), x), run(post, x))
+
+
+@needs_kernels
+def test_features_only():
+    model = small("se_resnet50", features_only=True)
+    x = torch.randn(1, 3, 64, 64)
+    got, want = run(freeze(model), x), run(model, x)
+    assert len(got) == 4 and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@needs_kernels
+def test_a_snapshot_leaves_the_model_and_does_not_follow_it():
+    model = small("se_resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    before = run(model, x)
+    frozen = freeze(model)
+    assert frozen.model is not model
+    assert model.layer1[0].conv1.weight.data_ptr() != frozen.model.layer1[0].conv1.weight.data_ptr()
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+        model.layer1[0].attn.fc1.weight.mul_(2.0)
+    assert torch.equal(run(frozen, x), before)
+    trained = small("se_resnet18").train()
+    freeze(trained)
+    assert trained.training  # freezing copies: the caller's model is not put in eval mode
+
+
+@needs_kernels
+def test_where_it_steps_aside_it_is_the_snapshots_eager_forward(plan_calls):
+    model = small("se_resnet18")
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    want = run(model, x)
+    out = frozen(x)  # autograd on: the eager path (its training functions), with a graph
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(run(frozen, x.to(memory_format=torch.channels_last)),
+                       run(model, x.to(memory_format=torch.channels_last)))
+    with native.off():
+        assert torch.equal(run(frozen, x), run(model, x))
+    with reference_path():
+        assert torch.equal(run(frozen, x), run(model, x))
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+    try:
+        # a global hook sees every module called; with it the eager units take PyTorch's ops (equal up to rounding)
+        torch.testing.assert_close(run(frozen, x), want, rtol=1e-4, atol=1e-4)
+        assert nn.Conv2d in seen
+    finally:
+        handle.remove()
+    traced = torch.jit.trace(frozen, x, check_trace=False)  # traced: plain ops, so equal up to rounding
+    torch.testing.assert_close(run(traced, x), want, rtol=1e-4, atol=1e-4)
+    assert plan_calls == []  # none of these ran a plan
+    assert torch.equal(run(frozen, x), want) and len(plan_calls) == frozen.planned
+
+
+@needs_kernels
+def test_changes_made_through_the_frozen_model_are_followed():
+    model = small("se_resnet18")
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    double = copy.deepcopy(frozen).double()  # _apply plans again (here: no plan applies to float64 weights)
+    assert double.planned == 0 and torch.equal(run(double, x.double()), run(copy.deepcopy(model).double(), x.double()))
+    other = small("se_resnet18")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    frozen.load_state_dict(freeze(other).state_dict())  # copied into the tensors the plans read
+    assert torch.equal(run(frozen, x), run(other, x))
+    frozen.load_state_dict(freeze(model).state_dict(), assign=True)  # new tensors: planned again
+    assert frozen.planned == 8 and torch.equal(run(frozen, x), run(model, x))
+    frozen.train()  # training mode: batch statistics, the eager forward
+    with torch.no_grad():
+        assert torch.equal(frozen(x), copy.deepcopy(model).train()(x))
+
+
+@needs_kernels
+def test_copies_plan_their_own_tensors():
+    model = small("se_resnet18")
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    want = run(model, x)
+    twin = copy.deepcopy(frozen)
+    del frozen  # the copy must not read the original's memory
+    assert torch.equal(run(twin, x), want)
+    plan = twin._stages[0][0]
+    assert plan.se[0] == twin.model.layer1[0].attn.fc1.weight.data_ptr()
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own object, just written
+    assert loaded.planned == 8 and torch.equal(run(loaded, x), want)
+
+
+def test_without_the_kernels_nothing_is_planned(monkeypatch):
+    monkeypatch.setattr(frozen_mod.native, "library", lambda: None)
+    model = small("se_resnet18")
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert frozen.planned == 0 and torch.equal(run(frozen, x), run(model, x))
+
+
+def test_what_it_refuses_names_the_fix():
+    with pytest.raises(TypeError, match="ResNet-family.*got VGG"):
+        freeze(create_model("se_vgg16", num_classes=10))
+    with pytest.raises(ValueError, match=r"model.cpu\(\)"):
+        freeze(ResNet("basic", [1, 1, 1, 1], attn="se", num_classes=10).to("meta"))
+    assert senet.freeze is freeze
