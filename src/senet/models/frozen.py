@@ -4,7 +4,9 @@ In eager inference every residual unit end checks, on every call, that its nativ
 types and hooks, BN's mode, each weight's dtype, layout and size (``senet.layers.native``). Alone these checks
 take microseconds, but inside a network at batch 1 the convolutions between two unit ends push the objects they
 read out of the caches, and timed there (se_resnet50, batch 1, one thread) the 16 SE unit ends spent ~1.4 ms a
-forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, "Frozen inference").
+forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, item 20). Frozen, SE costs
++1.1% [0.1, 2.0] over resnet50 at batch 1 against +1.8% [0.0, 3.4] eager in the same processes (section
+"Frozen inference").
 
 :func:`freeze` returns a snapshot of the model that runs each unit from a plan made once: its convolutions
 through ``F.conv2d`` with their arguments kept, its BN + ReLU passes and its unit end (SE or plain) as the
