@@ -97,6 +97,21 @@ def test_units_that_cannot_be_planned_keep_their_forward():
 
 
 @needs_kernels
+def test_hooks_on_a_stage_or_the_network_still_fire():
+    x = torch.randn(2, 3, 32, 32)
+    model = small("se_resnet18")
+    fired = []
+    model.layer2.register_forward_hook(lambda m, i, o: fired.append("layer2"))
+    frozen = freeze(model)
+    assert frozen.planned == 6  # layer2's two units run as their stage
+    assert torch.equal(run(frozen, x), run(model, x)) and fired == ["layer2", "layer2"]
+    model = small("se_resnet18")
+    model.register_forward_pre_hook(lambda m, args: fired.append("net"))
+    frozen = freeze(model)
+    assert frozen.planned == 0 and torch.equal(run(frozen, x), run(model, x)) and fired[-2:] == ["net", "net"]
+
+
+@needs_kernels
 def test_features_only():
     model = small("se_resnet50", features_only=True)
     x = torch.randn(1, 3, 64, 64)

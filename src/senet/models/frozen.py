@@ -4,9 +4,9 @@ In eager inference every residual unit end checks, on every call, that its nativ
 types and hooks, BN's mode, each weight's dtype, layout and size (``senet.layers.native``). Alone these checks
 take microseconds, but inside a network at batch 1 the convolutions between two unit ends push the objects they
 read out of the caches, and timed there (se_resnet50, batch 1, one thread) the 16 SE unit ends spent ~1.4 ms a
-forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, item 20). Frozen, SE costs
-+1.1% [0.1, 2.0] over resnet50 at batch 1 against +1.8% [0.0, 3.4] eager in the same processes (section
-"Frozen inference").
+forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, item 20). Frozen, both
+networks ran ~4% faster at batch 1 (scratch); SE's share over resnet50 stayed where it was (+1.5% [0.6, 2.6]
+against +1.6% [0.5, 2.6] eager over 20 processes; section "Frozen inference").
 
 :func:`freeze` returns a snapshot of the model that runs each unit from a plan made once: its convolutions
 through ``F.conv2d`` with their arguments kept, its BN + ReLU passes and its unit end (SE or plain) as the
@@ -191,13 +191,20 @@ class FrozenResNet(nn.Module):
         self._plan()
 
     def _plan(self) -> None:
+        """A step per unit (its plan, or its module), or per stage where hooks watch the stage; nothing when
+        hooks watch the network itself (they expect its forward) or the kernels are unavailable."""
         lib = native.library()
         self.planned = 0
         self._stages: list[list[Callable]] = []
+        whole = lib is None or fused.observed(self.model)
         for k in range(1, 5):
+            stage = self.model._modules[f"layer{k}"]
+            if whole or fused.observed(stage):
+                self._stages.append([_eager_step(stage)])
+                continue
             steps = []
-            for unit in self.model._modules[f"layer{k}"]:
-                plan = _UnitPlan.build(unit, lib) if lib is not None else None
+            for unit in stage:
+                plan = _UnitPlan.build(unit, lib)
                 self.planned += plan is not None
                 steps.append(plan if plan is not None else _eager_step(unit))
             self._stages.append(steps)
