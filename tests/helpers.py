@@ -1,7 +1,27 @@
 """Shared test helpers: weights made non-trivial so comparisons test the wiring, not identities."""
 
+import contextlib
+import shutil
+
+import pytest
 import torch
 from torch import nn
+
+from senet.layers import native
+
+HAVE_CC = native._compiler() is not None and shutil.which(native._compiler() or "") is not None
+needs_kernels = pytest.mark.skipif(not HAVE_CC or native._disabled_by_env(), reason="no C compiler, or SENET_NATIVE=0")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count set to ``n`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def perturb_bn(model: nn.Module, seed: int = 1) -> nn.Module:

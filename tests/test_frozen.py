@@ -3,11 +3,10 @@
 
 import copy
 import io
-import shutil
 
 import pytest
 import torch
-from helpers import perturb_bn
+from helpers import needs_kernels, perturb_bn, torch_threads
 from torch import nn
 
 import senet
@@ -16,17 +15,12 @@ from senet.layers.fused import reference_path
 from senet.models import FrozenResNet, ResNet, create_model, freeze
 from senet.models import frozen as frozen_mod
 
-HAVE_CC = native._compiler() is not None and shutil.which(native._compiler() or "") is not None
-needs_kernels = pytest.mark.skipif(not HAVE_CC or native._disabled_by_env(), reason="no C compiler, or SENET_NATIVE=0")
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
     # the kernels run one thread unless built with OpenMP; with more, eager and frozen both use PyTorch's ops
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

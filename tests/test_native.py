@@ -1,23 +1,18 @@
 """senet.layers.native: the unit ends of eager inference as C kernels, against the formula in float64 and
 against PyTorch's ops; where they must step aside; and how they are built (cached, atomic, optional)."""
 
-import contextlib
 import copy
-import shutil
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import perturb_bn
+from helpers import HAVE_CC, needs_kernels, perturb_bn, torch_threads
 from torch import nn
 
 from senet.layers import SqueezeExcite, create_attention, native
 from senet.layers.fused import reference_path
 from senet.models import CifarResNet, ResNet
-
-HAVE_CC = native._compiler() is not None and shutil.which(native._compiler() or "") is not None
-needs_kernels = pytest.mark.skipif(not HAVE_CC or native._disabled_by_env(), reason="no C compiler, or SENET_NATIVE=0")
 
 
 def random_bn(ch: int, affine: bool = True) -> nn.BatchNorm2d:
@@ -52,16 +47,6 @@ def formula(bn, se, c, shortcut=None):
         s = torch.sigmoid(F.linear(h, fc2.weight.double(), None if fc2.bias is None else fc2.bias.double()))
         x = x * s[:, :, None, None]
     return x if shortcut is None else F.relu(x + shortcut.double())
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 SHAPES = [(1, 256, 56, 16), (3, 64, 7, 4), (16, 512, 7, 32), (2, 48, 1, 5), (1, 24, 9, 3), (5, 37, 5, 6),

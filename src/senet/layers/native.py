@@ -1048,11 +1048,24 @@ def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch
     y = c if inplace else torch.empty_like(c)
     hin, w3, b3, h_mean = (None,) * 4 if conv_in is None else _through_conv(*conv_in, c, h_mean)
     ch_in = 0 if w3 is None else w3.shape[1]
-    tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
+    tmp = c.new_empty(se_unit_end_scratch(n, ch, r, ch_in))
     lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(),
                           _ptr(bw), _ptr(bb), bn.eps, w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
                           n, ch, r, h * wd, _ptr(hin), _ptr(w3), _ptr(b3), ch_in, _ptr(h_mean), tmp.data_ptr(), nt)
     return y
+
+
+def squeeze_through_pays(c_numel: int, h_read: int, w_numel: int, batch: int) -> bool:
+    """The size rule of ``_through_conv``: reading ``h_read`` elements of conv3's input (0 with ``h_mean``) and its
+    ``w_numel``-element weight instead of ``c``'s ``c_numel`` saves at least ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` and
+    costs at most 4 multiply-adds per element saved."""
+    saving = c_numel - h_read - w_numel
+    return saving >= SQUEEZE_THROUGH_CONV_MIN_SAVING and w_numel * batch <= 4 * saving
+
+
+def se_unit_end_scratch(n: int, ch: int, r: int, ch_in: int) -> int:
+    """Floats of ``senet_se_unit_end``'s ``tmp`` (its C comment): 3 B C + B R + 2 C + B Ch."""
+    return 3 * n * ch + n * r + 2 * ch + n * ch_in
 
 
 def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor, h_mean: torch.Tensor | None = None) -> tuple:
@@ -1068,8 +1081,8 @@ def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor, h_mean: tor
     n, ch = c.shape[0], c.shape[1]
     if h_mean is not None and (h_mean.shape != (n, h.shape[1]) or not _float_params((h_mean,), h_mean.numel())):
         h_mean = None
-    saving = c.numel() - (0 if h_mean is not None else h.numel()) - weight.numel()  # h_mean: h is not read
-    if (saving < SQUEEZE_THROUGH_CONV_MIN_SAVING or weight.numel() * n > 4 * saving or weight.dim() != 4
+    if (not squeeze_through_pays(c.numel(), 0 if h_mean is not None else h.numel(), weight.numel(), n)
+            or weight.dim() != 4
             or not plain_pointwise_conv(conv) or not _fits(h) or h.shape != (n, weight.shape[1], *c.shape[2:])
             or not _float_params((weight,), ch * weight.shape[1]) or not _float_params((bias,), ch)):
         return None, None, None, None

@@ -164,14 +164,13 @@ class _UnitPlan:
         w1, b1, w2, b2, r = self.se
         hin = w3 = b3 = hm = None
         ch_in = 0
-        if self.through is not None:  # native._through_conv's rule, on the same sizes
+        if self.through is not None:  # native._through_conv's decision, on the same sizes
             pw3, pb3, w3_numel, w3_in = self.through
             hm_ok = h_mean is not None
-            saving = c.numel() - (0 if hm_ok else h.numel()) - w3_numel
-            if saving >= native.SQUEEZE_THROUGH_CONV_MIN_SAVING and w3_numel * n <= 4 * saving:
+            if native.squeeze_through_pays(c.numel(), 0 if hm_ok else h.numel(), w3_numel, n):
                 hin, w3, b3, ch_in = h.data_ptr(), pw3, pb3, w3_in
                 hm = h_mean.data_ptr() if hm_ok else None
-        tmp = c.new_empty(3 * n * ch + n * r + 2 * ch + n * ch_in)
+        tmp = c.new_empty(native.se_unit_end_scratch(n, ch, r, ch_in))
         self.lib.senet_se_unit_end(c.data_ptr(), shortcut.data_ptr(), c.data_ptr(), rm, rv, bw, bb, eps, w1, b1,
                                    w2, b2, n, ch, r, hh * ww, hin, w3, b3, ch_in, hm, tmp.data_ptr(), nt)
         return c
