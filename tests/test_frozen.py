@@ -197,6 +197,46 @@ def test_copies_plan_their_own_tensors():
     assert loaded.planned == 8 and torch.equal(run(loaded, x), want)
 
 
+def test_the_state_dict_is_the_models_key_for_key():
+    model = small("se_resnet18")
+    frozen = freeze(model)
+    want = model.state_dict()
+    got = frozen.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert set(got._metadata) == set(want._metadata)  # the version records too (BN's reads them on loading)
+    x = torch.randn(2, 3, 32, 32)
+    plain = small("se_resnet18")
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(0.5)
+    assert plain.load_state_dict(got) is not None and torch.equal(run(plain, x), run(model, x))  # frozen -> model
+    refrozen = freeze(plain)
+    trained = small("se_resnet18")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(1.5)
+    refrozen.load_state_dict(trained.state_dict())  # model -> frozen: into the tensors the plans read
+    assert torch.equal(run(refrozen, x), run(trained, x)) and refrozen.planned == 8
+    refrozen.load_state_dict({"model." + k: v for k, v in want.items()})  # the wrapper's own keys still load
+    assert torch.equal(run(refrozen, x), run(model, x))
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\) in state_dict: "fc.bias".*Unexpected key\(s\) in '
+                                           r'state_dict: "head.w"'):
+        refrozen.load_state_dict({**{k: v for k, v in want.items() if k != "fc.bias"}, "head.w": torch.ones(1)})
+
+    class Holder(nn.Module):  # inside another module the keys carry that module's prefix, as the model's would
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.head = net, nn.Linear(10, 2)
+
+    held = Holder(freeze(model)).state_dict()
+    assert list(held) == list(Holder(model).state_dict())
+    other = Holder(freeze(plain))
+    other.load_state_dict(held)
+    assert torch.equal(run(other.net, x), run(model, x))
+    del held["net.fc.bias"]
+    assert other.load_state_dict(held, strict=False).missing_keys == ["net.fc.bias"]
+
+
 def test_without_the_kernels_nothing_is_planned(monkeypatch):
     monkeypatch.setattr(frozen_mod.native, "library", lambda: None)
     model = small("se_resnet18")

@@ -180,6 +180,47 @@ def _eager_step(unit: nn.Module) -> Callable[[torch.Tensor, int], torch.Tensor]:
     return lambda x, nt: unit(x)
 
 
+def _path(prefix: str) -> str:
+    """A state dict's prefix ("layer1.0.") as the module path its ``_metadata`` keys ("layer1.0"; the root: "")."""
+    return prefix[:-1]
+
+
+def _prefix(path: str) -> str:
+    return path + "." if path else ""
+
+
+def _drop_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict``'s post-hook: ``prefix + "model." + key`` -> ``prefix + key``, in place and in order; the
+    version records (``_metadata``, keyed by module path) follow."""
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict.pop(key)
+        state_dict[prefix + key.removeprefix(inner)] = value
+    meta = getattr(state_dict, "_metadata", None)
+    for path in [p for p in meta or () if _prefix(p).startswith(inner)]:
+        meta[_path(prefix + _prefix(path)[len(inner):])] = meta.pop(path)
+
+
+def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict``'s pre-hook: ``prefix + key`` -> ``prefix + "model." + key``, version records too;
+    keys already under ``model.`` (a checkpoint of the wrapper itself) are left as they are."""
+    module.__dict__["_loading_at"] = prefix  # for _report_model_keys
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+    meta = getattr(state_dict, "_metadata", None)
+    for path in [p for p in meta or () if _prefix(p).startswith(prefix) and not _prefix(p).startswith(inner)]:
+        meta.setdefault(_path(inner + _prefix(path)[len(prefix):]), meta[path])
+
+
+def _report_model_keys(module: nn.Module, incompatible) -> None:
+    """``load_state_dict``'s post-hook: the missing and unexpected keys named as the model's (no ``model.``)."""
+    prefix = module.__dict__.pop("_loading_at", "")
+    inner = prefix + "model."
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k for k in keys]
+
+
 class FrozenResNet(nn.Module):
     """What :func:`freeze` returns: ``model`` (a snapshot) with a plan per residual unit. Call it like the model;
     ``model`` is the snapshot itself (its eager forward runs wherever the plans do not apply)."""
@@ -187,6 +228,11 @@ class FrozenResNet(nn.Module):
     def __init__(self, model: ResNet):
         super().__init__()
         self.model = model
+        # the state dict is the model's, key for key: a frozen model's checkpoint loads into the unfrozen model
+        # and back (inside another module too: the hooks get that module's prefix)
+        self.register_state_dict_post_hook(_drop_model_prefix)
+        self.register_load_state_dict_pre_hook(_add_model_prefix)
+        self.register_load_state_dict_post_hook(_report_model_keys)
         self._plan()
 
     def _plan(self) -> None:
