@@ -17,6 +17,7 @@ threads, git revision) and the load average before and after.
     pool    senet's max pooling (native kernel) vs PyTorch's: the stem's pooling alone, and both networks
     memory  4. saved activations of a training step: SE over the baseline
     onnx    5. se_resnet50 in onnxruntime vs PyTorch eager, batch 1
+    freeze  senet.freeze vs the eager model, inference, per network (ResNet-50 and CIFAR pairs)
 
     python benchmarks/se_overhead.py block --threads 1    (commands used: docs/performance.md)
 
@@ -62,7 +63,7 @@ from senet.flops import count_macs
 from senet.layers import create_attention, native
 from senet.layers.fused import reference_path
 from senet.layers.pool import MaxPool2d
-from senet.models import create_model, freeze
+from senet.models import create_model, freeze, model_info
 
 CPU = torch.device("cpu")
 DEVICE = CPU  # where every target runs (``--device``; main sets it): one device per process
@@ -449,6 +450,15 @@ class Within(nn.Module):
             return self.model(x)
 
 
+def planned(frozen: nn.Module) -> nn.Module:
+    """``frozen`` (``senet.freeze``'s snapshot), refused where no unit runs from a plan: timing it would time
+    the eager forward under another name."""
+    if not frozen.planned:
+        raise SystemExit(f"senet.freeze planned no unit of {type(frozen.model).__name__} (native kernels: "
+                         f"{native.status()['why']}): nothing frozen to time")
+    return frozen
+
+
 def unfused(model: nn.Module) -> Within:
     return Within(model, reference_path)
 
@@ -479,7 +489,7 @@ def bench_resnet(args) -> dict:
         torch._dynamo.reset()  # compiled code is shared by module instances: a mode must not reuse another's
         se, r50 = create_model("se_resnet50"), create_model("resnet50")
         if mode == "frozen":  # senet.freeze: both networks' checks made once (inference only), the pair alone
-            models = {"se_resnet50": freeze(se), "resnet50": freeze(r50)}
+            models = {"se_resnet50": planned(freeze(se)), "resnet50": planned(freeze(r50))}
         else:
             models = {"se_resnet50": se, "se_resnet50_unfused": unfused(copy.deepcopy(se)), "resnet50": r50}
         if mode == "channels_last":
@@ -498,6 +508,8 @@ def bench_resnet(args) -> dict:
                             "resnet50": r50}
             with inductor_freezing(mode == "compile_frozen"):
                 res = results[prefix + key] = run_subjects(subjects, cfg, batch)
+            if mode == "frozen":
+                res["planned_units"] = {n: m.planned for n, m in subjects.items()}
             r = res["per_round_s"]
             if mode in ("eager", "frozen") and not cfg.train:
                 res["se_traffic_floor"] = cost_against_floor(se, batch, r["se_resnet50"], r["resnet50"])
@@ -967,9 +979,65 @@ def check_device(parser: argparse.ArgumentParser, args) -> torch.device:
     return device
 
 
+# freeze's default networks: ImageNet's ResNet-50 pair and two CIFAR pairs (small units: the checks weigh more)
+FREEZE_NETS = ["se_resnet50", "resnet50", "se_resnet20", "resnet20", "se_resnet110", "resnet110"]
+
+
+def net_groups(names: list[str]) -> list[list[str]]:
+    """``names`` in groups measured together: an SE network with its plain one (``se_X`` beside ``X``), the rest
+    alone; in the order given."""
+    groups, done = [], set()
+    for n in names:
+        if n in done:
+            continue
+        mate = n.removeprefix("se_") if n.startswith("se_") else "se_" + n
+        group = [n, mate] if mate in names and mate not in done else [n]
+        groups.append(sorted(group, key=lambda g: not g.startswith("se_")))
+        done.update(group)
+    return groups
+
+
+def bench_freeze(args) -> dict:
+    """``senet.freeze`` against the eager model, inference at each ``--infer-batch``: every network of
+    ``--nets`` eager and frozen, interleaved with its SE or plain mate (one ``measure`` per group): frozen /
+    eager per network, and for a pair SE's share (``se_X`` / ``X``) eager and frozen."""
+    if DEVICE.type != "cpu":
+        raise SystemExit(f"freeze: senet.freeze plans CPU inference; got --device {DEVICE}")
+    subjects: dict[str, list[Subject]] = {}
+    for name in args.nets:  # all built (and refused, naming the network) before anything is timed
+        torch.manual_seed(0)
+        try:
+            model, shape = create_model(name).eval(), model_info(name).input_size
+            frozen = planned(freeze(model))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SystemExit(f"freeze: --nets {name}: {err}") from err
+        subjects[name] = [Subject(name, model, shape), Subject(name + "_frozen", frozen, shape)]
+    results: dict = {}
+    for batch in args.infer_batch:
+        cfg = BenchConfig(args.nets[0], args.nets[0], warmup=args.warmup, rounds=args.rounds, iters=args.iters)
+        out = results[f"infer_b{batch}"] = {}
+        for group in net_groups(args.nets):
+            timed_here = [s for name in group for s in subjects[name]]
+            res = measure(timed_here, batch, cfg, DEVICE)
+            per_round = {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in timed_here}
+            entry = out[" ".join(group)] = {
+                "per_call": res, "per_round_s": per_round,
+                "planned_units": {n: subjects[n][1].model.planned for n in group},
+                "frozen_to_eager": {n: ratio(per_round[n + "_frozen"], per_round[n]) for n in group}}
+            line = ", ".join(f"{n} {res[n]['p50_ms']:.2f} -> {res[n + '_frozen']['p50_ms']:.2f} ms "
+                             f"({fmt(entry['frozen_to_eager'][n])})" for n in group)
+            if len(group) == 2:
+                se, plain = group
+                entry["se_share"] = {"eager": ratio(per_round[se], per_round[plain]),
+                                     "frozen": ratio(per_round[se + "_frozen"], per_round[plain + "_frozen"])}
+                line += " | " + ", ".join(f"{se}/{plain} {k} {fmt(v)}" for k, v in entry["se_share"].items())
+            print(f"  batch {batch} frozen / eager: {line}")
+    return results
+
+
 TARGETS = {"block": bench_block, "resnet": bench_resnet, "decompose": bench_decompose,
            "inplace": bench_inplace, "timm": bench_timm,
-           "fc": bench_fc, "pool": bench_pool, "memory": bench_memory, "onnx": bench_onnx}
+           "fc": bench_fc, "pool": bench_pool, "memory": bench_memory, "onnx": bench_onnx, "freeze": bench_freeze}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -988,6 +1056,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="timm (default: eager channels_last compile), resnet and memory (default: eager; memory: "
                         "eager, compile); compile_frozen: torch.compile with inductor's freezing, inference only; "
                         "frozen (resnet): senet.freeze, inference only")
+    p.add_argument("--nets", nargs="+", default=FREEZE_NETS, metavar="NAME",
+                   help="freeze: senet's ResNet-family networks (se_X beside X is also timed as a pair)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)

@@ -13,11 +13,13 @@ from senet.bench import (
     activation_bytes,
     clustered_median_ci,
     clustered_ratio_ci,
+    format_table,
     paired_ratio_ci,
     percentiles,
     run_bench,
 )
 from senet.cli import main
+from senet.layers import native
 
 
 def test_percentiles_by_hand():
@@ -137,23 +139,28 @@ def test_onnxruntime_and_train_modes():
 
 def test_frozen_bench_times_the_frozen_networks(monkeypatch, capsys):
     from senet.models import FrozenResNet
+    from senet.models import frozen as frozen_mod
 
-    calls = []
-    forward = FrozenResNet.forward
+    calls, plans = [], []
+    forward, plan = FrozenResNet.forward, frozen_mod._UnitPlan.__call__
     monkeypatch.setattr(FrozenResNet, "forward", lambda self, x: calls.append(type(self.model).__name__)
                         or forward(self, x))
-    payload = run_bench(BenchConfig("se_resnet18", "resnet18", batch=[1], res=32, rounds=2, iters=1, warmup=1,
-                                    frozen=True))
+    monkeypatch.setattr(frozen_mod._UnitPlan, "__call__", lambda self, x, nt: plans.append(1) or plan(self, x, nt))
+    cfg = BenchConfig("se_resnet18", "resnet18", batch=[1], res=32, rounds=2, iters=1, warmup=1, frozen=True)
+    payload = run_bench(cfg)
     assert set(calls) == {"ResNet"} and len(calls) >= 2 * (1 + 2)  # both networks: warm-up + 2 rounds (+ memory)
     subjects = {s["name"]: s for s in payload["subjects"]}
+    if native.library() is not None:  # the models are built in training mode: the snapshots are planned in eval
+        assert subjects["se_resnet18"]["planned_units"] == 8 and len(plans) >= 2 * 8 * (1 + 2)
+        assert "units run from plans: se_resnet18 8, resnet18 8" in format_table(payload, cfg)
     assert subjects["se_resnet18"]["params"] > subjects["resnet18"]["params"]  # counted through the snapshot
     assert payload["batches"][1]["overhead"]["rounds"] == 2
     for flags in ({"train": True}, {"compile": True}, {"channels_last": True}, {"runtime": "onnxruntime"}):
         with pytest.raises(ValueError, match="--frozen times senet.freeze"):
             run_bench(BenchConfig("resnet18", batch=[1], res=32, frozen=True, **flags))
     with pytest.raises(ValueError, match="--frozen: senet.freeze takes one of senet's ResNet-family"):
-        run_bench(BenchConfig("resnet20", batch=[1], res=8, frozen=True, rounds=1, iters=1))
-    assert main(["bench", "resnet20", "--frozen", "--res", "8", "--rounds", "1", "--iters", "1"]) == 2
+        run_bench(BenchConfig("mobilenet_v3_small", batch=[1], res=32, frozen=True, rounds=1, iters=1))
+    assert main(["bench", "mobilenet_v3_small", "--frozen", "--res", "32", "--rounds", "1", "--iters", "1"]) == 2
     assert "ResNet-family" in capsys.readouterr().err
 
 

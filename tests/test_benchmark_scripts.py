@@ -196,6 +196,7 @@ def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
     assert [c[6] for c in calls] == [["resnet50", "se_resnet50"]] * 2  # --pair: the two networks alone
 
 
+@needs_kernels
 def test_resnet_target_frozen_mode_times_the_frozen_pair(tmp_path, monkeypatch):
     from senet.models import FrozenResNet
 
@@ -213,8 +214,40 @@ def test_resnet_target_frozen_mode_times_the_frozen_pair(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "se_overhead_resnet_fz.json").read_text())
     assert sorted(saved["results"]) == ["frozen_infer_b1"]  # inference only: the training case is skipped
     assert calls == [(False, 1, {"se_resnet50": FrozenResNet.__name__, "resnet50": FrozenResNet.__name__})]
+    assert saved["results"]["frozen_infer_b1"]["planned_units"] == {"se_resnet50": 4, "resnet50": 4}
     with pytest.raises(SystemExit, match="resnet target"):
         se_overhead.main(["timm", "--modes", "frozen"])
+
+
+def test_freeze_groups_each_se_network_with_its_plain_one():
+    assert se_overhead.net_groups(["resnet50", "se_resnet20", "se_resnet50", "resnet110", "resnet20"]) == [
+        ["se_resnet50", "resnet50"], ["se_resnet20", "resnet20"], ["resnet110"]]
+    assert se_overhead.net_groups(["se_resnet50"]) == [["se_resnet50"]]
+
+
+@needs_kernels
+def test_freeze_target_times_each_network_eager_and_frozen(tmp_path, monkeypatch):
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["freeze", "--nets", "se_resnet20", "resnet20", "se_resnet32", "--infer-batch", "1",
+                      "--rounds", "2", "--iters", "1", "--warmup", "1", "--tag", "_test"])
+    saved = json.loads((tmp_path / "se_overhead_freeze_test.json").read_text())
+    assert saved["config"]["nets"] == ["se_resnet20", "resnet20", "se_resnet32"] and saved["git_revision"]
+    pair, alone = saved["results"]["infer_b1"]["se_resnet20 resnet20"], saved["results"]["infer_b1"]["se_resnet32"]
+    assert sorted(pair["per_round_s"]) == ["resnet20", "resnet20_frozen", "se_resnet20", "se_resnet20_frozen"]
+    assert all(len(r) == 2 for r in pair["per_round_s"].values())  # every subject in every round
+    ratios = pair["frozen_to_eager"]["se_resnet20"]
+    rounds = pair["per_round_s"]
+    assert ratios["ratio"] == pytest.approx(sum(rounds["se_resnet20_frozen"]) / sum(rounds["se_resnet20"]))
+    assert set(pair["se_share"]) == {"eager", "frozen"} and "se_share" not in alone
+    assert sorted(alone["frozen_to_eager"]) == ["se_resnet32"]
+    assert pair["planned_units"] == {"se_resnet20": 9, "resnet20": 9} and alone["planned_units"] == {"se_resnet32": 15}
+    with pytest.raises(SystemExit, match="--nets se_vgg16: senet.freeze takes"):
+        se_overhead.main(["freeze", "--nets", "se_vgg16", "--infer-batch", "1"])
+    from senet.models import frozen as frozen_mod
+    monkeypatch.setattr(frozen_mod.native, "library", lambda: None)  # no plans: refused, not timed as if frozen
+    with pytest.raises(SystemExit, match="planned no unit of CifarResNet"):
+        se_overhead.main(["freeze", "--nets", "resnet20", "--infer-batch", "1"])
 
 
 def test_traffic_floor_counts_the_bytes_only_se_moves():

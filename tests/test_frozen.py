@@ -12,7 +12,7 @@ from torch import nn
 import senet
 from senet.layers import native
 from senet.layers.fused import reference_path
-from senet.models import FrozenResNet, ResNet, create_model, freeze
+from senet.models import CifarResNet, FrozenResNet, ResNet, create_model, freeze
 from senet.models import frozen as frozen_mod
 
 
@@ -113,6 +113,40 @@ def test_features_only():
     assert len(got) == 4 and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def cifar(**kw) -> CifarResNet:
+    torch.manual_seed(0)
+    return perturb_bn(CifarResNet(**kw))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kw, planned", [
+    ({"block": "basic", "blocks": 2, "attn": "se"}, 6),  # option A shortcuts at stages 2-3 (planned too)
+    ({"block": "basic", "blocks": 2}, 6),
+    ({"block": "basic", "blocks": 1, "shortcut": "B", "attn": "se", "widen": 2}, 3),  # 1x1 conv + BN shortcuts
+    ({"block": "bottleneck", "blocks": 1, "attn": "se"}, 3),
+    ({"block": "basic", "blocks": 1, "preact": True, "attn": "se"}, 0),  # pre-activation units: eager
+    ({"block": "bottleneck", "blocks": 1, "preact": True, "shortcut": "B", "attn": "se"}, 0),
+])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_cifar_resnets_bit_for_bit(kw, planned, batch, plan_calls):
+    model = cifar(**kw)
+    frozen = freeze(model)
+    assert frozen.planned == planned
+    x = torch.randn(batch, 3, 32, 32)
+    assert torch.equal(run(frozen, x), run(model, x)) and len(plan_calls) == planned
+    feats = cifar(**kw, features_only=True)  # the last stage's map after bn_final + ReLU when pre-activation
+    got, want = run(freeze(feats), x), run(feats, x)
+    assert len(got) == 3 and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    if kw.get("preact"):
+        assert want[2].min() >= 0  # forward_end ran: ReLU'd
+
+
+@needs_kernels
+def test_the_registrys_cifar_se_resnets_are_planned():
+    for name, planned in (("se_resnet20", 9), ("resnet20", 9), ("se_preact_resnet110", 0)):
+        assert freeze(create_model(name)).planned == planned
+
+
 @needs_kernels
 def test_a_snapshot_leaves_the_model_and_does_not_follow_it():
     model = small("se_resnet18")
@@ -126,8 +160,21 @@ def test_a_snapshot_leaves_the_model_and_does_not_follow_it():
         model.layer1[0].attn.fc1.weight.mul_(2.0)
     assert torch.equal(run(frozen, x), before)
     trained = small("se_resnet18").train()
-    freeze(trained)
+    frozen = freeze(trained)
     assert trained.training  # freezing copies: the caller's model is not put in eval mode
+    assert frozen.planned == 8  # planned in eval mode (the plans read BN's running statistics)
+    fresh = freeze(create_model("se_resnet50"))  # as built: training mode
+    assert fresh.planned == 16 and torch.equal(run(fresh, x), run(fresh.model, x))
+
+
+@needs_kernels
+def test_training_mode_and_back(plan_calls):
+    frozen = freeze(small("se_resnet18"))
+    frozen.train()
+    assert frozen.planned == 0 and frozen.model.training
+    frozen.eval()  # planned again
+    x = torch.randn(2, 3, 32, 32)
+    assert frozen.planned == 8 and torch.equal(run(frozen, x), run(frozen.model, x)) and len(plan_calls) == 8
 
 
 @needs_kernels

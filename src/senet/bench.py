@@ -307,7 +307,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             m, base = subjects
             per_batch[b]["overhead"] = paired_ratio_ci([np.mean(r) for r in m.times[b]],
                                                        [np.mean(r) for r in base.times[b]], seed=cfg.seed)
-    return {"subjects": [{"name": s.name, "params": s.params, "macs": s.macs, "input_size": s.input_size}
+    return {"subjects": [{"name": s.name, "params": s.params, "macs": s.macs, "input_size": s.input_size,
+                          **({"planned_units": s.model.planned} if cfg.frozen else {})}  # senet.freeze's plans
                          for s in subjects], "batches": per_batch}
 
 
@@ -328,6 +329,9 @@ def format_table(payload: dict, cfg: BenchConfig) -> str:
             o = entry["overhead"]
             lines.append(f"  batch {b}: {cfg.model} / {cfg.baseline} time ratio {o['ratio']:.3f} "
                          f"[{o['ci_low']:.3f}, {o['ci_high']:.3f}] 95% CI (paired bootstrap, {o['rounds']} rounds)")
+    if cfg.frozen:
+        lines.append("frozen (senet.freeze), residual units run from plans: " + ", ".join(
+            f"{n} {s['planned_units']}" for n, s in subjects.items()))
     kinds = {r["memory_kind"] for e in payload["batches"].values() for r in e["results"].values()}
     lines.append("memory: " + "; ".join(sorted(kinds)))
     return "\n".join(lines)

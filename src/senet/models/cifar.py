@@ -178,13 +178,21 @@ class CifarResNet(PooledClassifier):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Stage outputs: (B, C_k, H / 2^(k-1), W / 2^(k-1)), k = 1..3 (the last after ``bn_final`` + ReLU)."""
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: the 3x3 conv, then BN + ReLU when post-activation, (B, 16, H, W)."""
         x = self.conv1(x)
-        x = x if self.preact else self.act(self.bn1(x))
+        return x if self.preact else self.act(self.bn1(x))
+
+    def forward_end(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the last stage: ``bn_final`` + ReLU when pre-activation (its sum is not normalised)."""
+        return self.act(self.bn_final(x)) if self.preact else x
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Stage outputs: (B, C_k, H / 2^(k-1), W / 2^(k-1)), k = 1..3 (the last after ``forward_end``)."""
+        x = self.forward_stem(x)
         feats = [self.layer1(x)]
         feats.append(self.layer2(feats[-1]))
-        feats.append(self.act(self.bn_final(self.layer3(feats[-1]))) if self.preact else self.layer3(feats[-1]))
+        feats.append(self.forward_end(self.layer3(feats[-1])))
         return feats
 
 

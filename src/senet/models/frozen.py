@@ -31,6 +31,7 @@ from torch.nn.modules import module as _module
 
 from senet.layers import fused, native
 
+from .cifar import CifarResNet, ShortcutA
 from .resnet import BasicBlock, Bottleneck, ResNet
 
 _F32 = torch.float32
@@ -62,10 +63,13 @@ def _bn_args(bn: nn.Module, channels: int) -> tuple | None:
 
 
 def _downsample(down: nn.Module, channels: int) -> tuple | None:
-    """("identity",) for ``nn.Identity``; ("conv_bn", conv args, BN tensors, eps) for ``nn.Sequential(conv, bn)``
-    run as its modules would (``F.conv2d``, then ``F.batch_norm`` on running statistics); else None."""
+    """("identity",) for ``nn.Identity``; ("option_a", stride, pad) for ``ShortcutA`` (CIFAR); ("conv_bn", conv
+    args, BN tensors, eps) for ``nn.Sequential(conv, bn)`` run as its modules would (``F.conv2d``, then
+    ``F.batch_norm`` on running statistics); else None."""
     if type(down) is nn.Identity and not fused.observed(down):
         return ("identity",)
+    if type(down) is ShortcutA and not fused.observed(down):
+        return "option_a", down.stride, down.pad
     if type(down) is not nn.Sequential or len(down) != 2 or fused.observed(down):
         return None
     conv, bn = down[0], down[1]
@@ -141,6 +145,9 @@ class _UnitPlan:
         convs, bns = self.convs, self.bns
         if self.down[0] == "identity":
             shortcut = x
+        elif self.down[0] == "option_a":  # ShortcutA.forward
+            _, stride, pad = self.down
+            shortcut = _contiguous(F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, pad)))
         else:
             _, (w, b, stride, padding, dilation, groups), (rm, rv, bw, bb), eps = self.down
             shortcut = _contiguous(F.batch_norm(F.conv2d(x, w, b, stride, padding, dilation, groups),
@@ -225,7 +232,7 @@ class FrozenResNet(nn.Module):
     """What :func:`freeze` returns: ``model`` (a snapshot) with a plan per residual unit. Call it like the model;
     ``model`` is the snapshot itself (its eager forward runs wherever the plans do not apply)."""
 
-    def __init__(self, model: ResNet):
+    def __init__(self, model: ResNet | CifarResNet):
         super().__init__()
         self.model = model
         # the state dict is the model's, key for key: a frozen model's checkpoint loads into the unfrozen model
@@ -243,7 +250,8 @@ class FrozenResNet(nn.Module):
         self._stages: list[list[Callable]] = []
         whole = lib is None or fused.observed(self.model)
         for k in range(1, 5):
-            stage = self.model._modules[f"layer{k}"]
+            if (stage := self.model._modules.get(f"layer{k}")) is None:  # CifarResNet: three stages
+                break
             if whole or fused.observed(stage):
                 self._stages.append([_eager_step(stage)])
                 continue
@@ -253,6 +261,11 @@ class FrozenResNet(nn.Module):
                 self.planned += plan is not None
                 steps.append(plan if plan is not None else _eager_step(unit))
             self._stages.append(steps)
+
+    def train(self, mode: bool = True):  # the plans read BN's running statistics: eval mode plans them again
+        out = super().train(mode)
+        self._plan()
+        return out
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .double(), .cuda(), ...: plan the result again
         out = super()._apply(fn, recurse)
@@ -292,26 +305,29 @@ class FrozenResNet(nn.Module):
             for step in steps:
                 x = step(x, nt)
             feats.append(x)
+        feats[-1] = x = model.forward_end(x)
         return feats if model.features_only else model.forward_head(x)
 
 
 def freeze(model: nn.Module) -> FrozenResNet:
     """A frozen snapshot of ``model`` (one of senet's ResNet family: resnet*, se_resnet*, resnext*, se_resnext*,
-    senet154, ...) for CPU inference, in eval mode: the same outputs, bit for bit, with the fast path's checks
-    made once here instead of on every call (see the module docstring for what the snapshot does not follow).
+    senet154, ..., and the CIFAR ResNets) for CPU inference, in eval mode: the same outputs, bit for bit, with
+    the fast path's checks made once here instead of on every call (see the module docstring for what the
+    snapshot does not follow).
 
-    Units with other attention blocks or placements, hooks or other module types keep their eager forward;
+    Units with other attention blocks or placements, hooks or other module types (the pre-activation units of
+    ``preact_resnet110``, ``resnet164``, ``wrn16_8``) keep their eager forward;
     ``FrozenResNet.planned`` counts those that run from a plan. The model is copied: it is left as it was.
     """
-    if not isinstance(model, ResNet):
+    if not isinstance(model, ResNet | CifarResNet):
         raise TypeError(f"senet.freeze takes one of senet's ResNet-family models (resnet*, se_resnet*, "
-                        f"se_resnext*, senet154, ...), got {type(model).__name__}; other models run as they are "
-                        "(or with torch.compile)")
+                        f"se_resnext*, senet154, the CIFAR ResNets, ...), got {type(model).__name__}; other models "
+                        "run as they are (or with torch.compile)")
     devices = {p.device.type for p in model.parameters()}
     if devices - {"cpu"}:
         raise ValueError(f"senet.freeze plans CPU inference; the model is on {sorted(devices)}: freeze it on the "
                          "CPU (model.cpu()), or use it as it is there")
-    return FrozenResNet(copy.deepcopy(model)).eval()
+    return FrozenResNet(copy.deepcopy(model).eval()).eval()  # planned with BN in eval mode (it reads its statistics)
 
 
 __all__ = ["FrozenResNet", "freeze"]

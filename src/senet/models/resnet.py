@@ -179,6 +179,11 @@ class ResNet(PooledClassifier):
         """The stem: conv, BN, ReLU and max pooling, (B, 64|128, H/4, W/4)."""
         return self.maxpool(conv_bn_relu(self.conv1, self.bn1, self.act, x)[0])
 
+    def forward_end(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the last stage before the head: nothing here (``CifarResNet``'s pre-activation nets
+        normalise there)."""
+        return x
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The output of each stage: (B, C_k, H / 2^(k+1), W / 2^(k+1)) for k = 1..4."""
         x = self.forward_stem(x)
