@@ -4,9 +4,9 @@ In eager inference every residual unit end checks, on every call, that its nativ
 types and hooks, BN's mode, each weight's dtype, layout and size (``senet.layers.native``). Alone these checks
 take microseconds, but inside a network at batch 1 the convolutions between two unit ends push the objects they
 read out of the caches, and timed there (se_resnet50, batch 1, one thread) the 16 SE unit ends spent ~1.4 ms a
-forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, item 20). Frozen, both
-networks ran ~4% faster at batch 1 (scratch); SE's share over resnet50 stayed where it was (+1.5% [0.6, 2.6]
-against +1.6% [0.5, 2.6] eager over 20 processes; section "Frozen inference").
+forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, item 20). Frozen,
+se_resnet50's SE costs +1.3% [0.5, 2.1] over resnet50 at batch 1 (30 processes), and the CIFAR ResNets, whose
+units do little work a call, run 20-24% faster at batch 1 (section "Frozen inference again").
 
 :func:`freeze` returns a snapshot of the model that runs each unit from a plan made once: its convolutions
 through ``F.conv2d`` with their arguments kept, its BN + ReLU passes and its unit end (SE or plain) as the
