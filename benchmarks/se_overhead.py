@@ -467,12 +467,17 @@ def pytorch_ops(model: nn.Module) -> Within:
     return Within(model, native.off)
 
 
+def round_means(subjects: list[Subject], batch: int) -> dict[str, list[float]]:
+    """Each subject's mean seconds a call in each round of ``measure`` at ``batch``."""
+    return {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in subjects}
+
+
 def run_subjects(models: dict[str, nn.Module], cfg: BenchConfig, batch: int) -> dict:
     """``senet.bench.measure`` over named models; ratios of each to the last one (the baseline)."""
     subjects = [Subject(n, m.to(DEVICE), (3, 224, 224)) for n, m in models.items()]
     res = measure(subjects, batch, cfg, DEVICE)
     base = subjects[-1]
-    per_round = {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in subjects}
+    per_round = round_means(subjects, batch)
     out = {"per_call": res, "per_round_s": per_round, "ratio_to_" + base.name: {
         s.name: ratio(per_round[s.name], per_round[base.name]) for s in subjects[:-1]}}
     print(f"  batch {batch} {'train' if cfg.train else 'infer'}: " + ", ".join(
@@ -1019,7 +1024,7 @@ def bench_freeze(args) -> dict:
         for group in net_groups(args.nets):
             timed_here = [s for name in group for s in subjects[name]]
             res = measure(timed_here, batch, cfg, DEVICE)
-            per_round = {s.name: [float(np.mean(r)) for r in s.times[batch]] for s in timed_here}
+            per_round = round_means(timed_here, batch)
             entry = out[" ".join(group)] = {
                 "per_call": res, "per_round_s": per_round,
                 "planned_units": {n: subjects[n][1].model.planned for n in group},

@@ -9,7 +9,7 @@ from torch import nn
 
 from senet.layers import native
 
-HAVE_CC = native._compiler() is not None and shutil.which(native._compiler() or "") is not None
+HAVE_CC = (cc := native._compiler()) is not None and shutil.which(cc) is not None
 needs_kernels = pytest.mark.skipif(not HAVE_CC or native._disabled_by_env(), reason="no C compiler, or SENET_NATIVE=0")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import fake_allocator
+from helpers import fake_allocator, needs_kernels
 from torch import nn
 
 from senet import allocator
@@ -29,8 +29,6 @@ def _benchmark(name: str):
 
 
 se_overhead = _benchmark("se_overhead")
-needs_kernels = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or native._disabled_by_env(),
-                                   reason="the native kernels need a C compiler (and SENET_NATIVE not 0)")
 
 
 def test_ablated_se_network_prices_the_parts_it_says():
@@ -68,9 +66,6 @@ def _probe():
 
 def test_fused_squeeze_probe_matches_torch(tmp_path, monkeypatch):
     # the probe's C kernel (BN + squeeze in one pass) against torch, alone and inside a network
-    import shutil
-
-
     if shutil.which("cc") is None and "CC" not in __import__("os").environ:
         pytest.skip("no C compiler")
     probe = _probe()

@@ -63,13 +63,13 @@ def _bn_args(bn: nn.Module, channels: int) -> tuple | None:
 
 
 def _downsample(down: nn.Module, channels: int) -> tuple | None:
-    """("identity",) for ``nn.Identity``; ("option_a", stride, pad) for ``ShortcutA`` (CIFAR); ("conv_bn", conv
-    args, BN tensors, eps) for ``nn.Sequential(conv, bn)`` run as its modules would (``F.conv2d``, then
-    ``F.batch_norm`` on running statistics); else None."""
+    """("identity",) for ``nn.Identity``; ("module", forward) for ``ShortcutA`` (CIFAR; no parameters, its own
+    forward); ("conv_bn", conv args, BN tensors, eps) for ``nn.Sequential(conv, bn)`` run as its modules would
+    (``F.conv2d``, then ``F.batch_norm`` on running statistics); else None."""
     if type(down) is nn.Identity and not fused.observed(down):
         return ("identity",)
     if type(down) is ShortcutA and not fused.observed(down):
-        return "option_a", down.stride, down.pad
+        return "module", down.forward
     if type(down) is not nn.Sequential or len(down) != 2 or fused.observed(down):
         return None
     conv, bn = down[0], down[1]
@@ -145,9 +145,8 @@ class _UnitPlan:
         convs, bns = self.convs, self.bns
         if self.down[0] == "identity":
             shortcut = x
-        elif self.down[0] == "option_a":  # ShortcutA.forward
-            _, stride, pad = self.down
-            shortcut = _contiguous(F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, pad)))
+        elif self.down[0] == "module":
+            shortcut = _contiguous(self.down[1](x))
         else:
             _, (w, b, stride, padding, dilation, groups), (rm, rv, bw, bb), eps = self.down
             shortcut = _contiguous(F.batch_norm(F.conv2d(x, w, b, stride, padding, dilation, groups),
@@ -235,6 +234,7 @@ class FrozenResNet(nn.Module):
     def __init__(self, model: ResNet | CifarResNet):
         super().__init__()
         self.model = model
+        self.training = model.training  # the plans need BN in eval mode: a snapshot of an eval model starts planned
         # the state dict is the model's, key for key: a frozen model's checkpoint loads into the unfrozen model
         # and back (inside another module too: the hooks get that module's prefix)
         self.register_state_dict_post_hook(_drop_model_prefix)
@@ -327,7 +327,7 @@ def freeze(model: nn.Module) -> FrozenResNet:
     if devices - {"cpu"}:
         raise ValueError(f"senet.freeze plans CPU inference; the model is on {sorted(devices)}: freeze it on the "
                          "CPU (model.cpu()), or use it as it is there")
-    return FrozenResNet(copy.deepcopy(model).eval()).eval()  # planned with BN in eval mode (it reads its statistics)
+    return FrozenResNet(copy.deepcopy(model).eval())
 
 
 __all__ = ["FrozenResNet", "freeze"]
