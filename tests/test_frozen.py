@@ -269,6 +269,12 @@ def test_the_state_dict_is_the_models_key_for_key():
     with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\) in state_dict: "fc.bias".*Unexpected key\(s\) in '
                                            r'state_dict: "head.w"'):
         refrozen.load_state_dict({**{k: v for k, v in want.items() if k != "fc.bias"}, "head.w": torch.ones(1)})
+    wrong = {**want, "layer1.0.conv1.weight": torch.ones(3), "fc.bias": "zeros"}
+    with pytest.raises(RuntimeError) as err:  # the errors torch's modules add name the model's keys as well
+        refrozen.load_state_dict(wrong)
+    assert "size mismatch for layer1.0.conv1.weight:" in str(err.value) and "model." not in str(err.value)
+    assert 'the parameter named "fc.bias"' in str(err.value)
+    assert torch.equal(run(refrozen, x), run(model, x)) and refrozen.planned == 8  # the rest loaded, still planned
 
     class Holder(nn.Module):  # inside another module the keys carry that module's prefix, as the model's would
         def __init__(self, net):
@@ -280,6 +286,9 @@ def test_the_state_dict_is_the_models_key_for_key():
     other = Holder(freeze(plain))
     other.load_state_dict(held)
     assert torch.equal(run(other.net, x), run(model, x))
+    with pytest.raises(RuntimeError, match=r"size mismatch for net\.fc\.weight: ") as err:
+        other.load_state_dict({**held, "net.fc.weight": torch.ones(2)})
+    assert "model." not in str(err.value)
     del held["net.fc.bias"]
     assert other.load_state_dict(held, strict=False).missing_keys == ["net.fc.bias"]
 

@@ -22,6 +22,7 @@ exporting, global hooks, other dtypes, devices or layouts all run the snapshot's
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 
 import torch
@@ -207,10 +208,11 @@ def _drop_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_m
         meta[_path(prefix + _prefix(path)[len(inner):])] = meta.pop(path)
 
 
-def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs: list[str]) -> None:
     """``load_state_dict``'s pre-hook: ``prefix + key`` -> ``prefix + "model." + key``, version records too;
     keys already under ``model.`` (a checkpoint of the wrapper itself) are left as they are."""
-    module.__dict__["_loading_at"] = prefix  # for _report_model_keys
+    module.__dict__["_loading_at"] = prefix, error_msgs, len(error_msgs)  # for _report_model_keys
     inner = prefix + "model."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
@@ -220,11 +222,14 @@ def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *_) -> N
 
 
 def _report_model_keys(module: nn.Module, incompatible) -> None:
-    """``load_state_dict``'s post-hook: the missing and unexpected keys named as the model's (no ``model.``)."""
-    prefix = module.__dict__.pop("_loading_at", "")
+    """``load_state_dict``'s post-hook: the missing and unexpected keys, and the keys named by the errors the
+    model's modules added (a size mismatch, a value that is not a tensor), named as the model's (no ``model.``)."""
+    prefix, errors, start = module.__dict__.pop("_loading_at", ("", [], 0))
     inner = prefix + "model."
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k for k in keys]
+    named = re.compile(r'(size mismatch for |the parameter named ")' + re.escape(inner))  # torch's two phrasings
+    errors[start:] = [named.sub(lambda m: m.group(1) + prefix, e) for e in errors[start:]]
 
 
 class FrozenResNet(nn.Module):
@@ -273,9 +278,10 @@ class FrozenResNet(nn.Module):
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._plan()  # with assign=True the parameters are new tensors
-        return out
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:  # with assign=True the parameters are new tensors, even where loading then fails on another
+            self._plan()
 
     def __getstate__(self):  # copy.deepcopy, pickle: the plans hold addresses, so a copy plans its own
         state = self.__dict__.copy()
