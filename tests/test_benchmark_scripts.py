@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import fake_allocator, needs_kernels
+from helpers import fake_allocator, needs_kernels, torch_threads
 from torch import nn
 
 from senet import allocator
@@ -150,6 +150,16 @@ def test_fc_products_are_the_fcs_forward_and_backward_products():
     torch.testing.assert_close(fwd[1], h @ se.fc2.weight.detach().t())
     for got, want in zip(bwd, [w2.grad, hh.grad, w1.grad, zz.grad], strict=True):
         torch.testing.assert_close(got, want)
+
+
+@needs_kernels
+def test_fma_peak_is_no_slower_than_a_gemm_on_one_core():
+    # a bound on any computation of this core: a GEMM (by torch's BLAS, one thread) must not beat it. The probe
+    # fails this when its chains spill to memory (it measured 33-41 against sgemm's 81 GFLOP/s that way)
+    with torch_threads(1):
+        gemm = se_overhead.sgemm_gflops(n=512, reps=5)
+        peak = se_overhead.fma_peak_gflops(rounds=2_000_000, reps=3)
+    assert peak is not None and peak >= 0.8 * gemm, (peak, gemm)
 
 
 def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
