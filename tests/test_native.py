@@ -397,7 +397,10 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
     def spy(conv, h, c, h_mean=None):
         out = real(conv, h, c, h_mean)
         taken.append(out[0] is h)
+        means.append(type(h_mean))
         return out
+
+    means = []
 
     monkeypatch.setattr(native, "_through_conv", spy)
     got, ref = inference_and_reference(model, x)
@@ -405,6 +408,7 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
     # 131072 MACs): through; 8x512x8x8, 512x128 (196608, 524288 MACs): through; stage 3: W (262144) outweighs c
     # (131072); stage 4 likewise
     assert taken == [True, True, False, False]
+    assert means == [native.Means] * 4  # from bn_relu's pass, as a handle (no tensor made for it)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     taken.clear()
     monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 196609)  # stage 2 saves one element too few
@@ -418,7 +422,10 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
     monkeypatch.setattr(native, "SQUEEZE_THROUGH_CONV_MIN_SAVING", 2**15)
     conv2_3, h2, c2 = model.layer2[0].conv3, torch.empty(8, 128, 8, 8), torch.empty(8, 512, 8, 8)
     assert native._through_conv(conv2_3, h2, c2, torch.zeros(8, 128))[3] is not None
-    for bad in (torch.zeros(8, 64), torch.zeros(8, 128, dtype=torch.float64)):  # then h is read (131072 saved)
+    buf = torch.zeros(2 * 128 + 8 * 128)
+    assert native._through_conv(conv2_3, h2, c2, native.Means(buf, 2 * 128, 8, 128))[3] is not None
+    for bad in (torch.zeros(8, 64), torch.zeros(8, 128, dtype=torch.float64),  # then h is read (131072 saved)
+                native.Means(buf, 2 * 128, 8, 64)):
         route = native._through_conv(conv2_3, h2, c2, bad)
         assert route[0] is h2 and route[3] is None
     taken.clear()
@@ -481,9 +488,11 @@ def test_bn_relu_computes_the_formula(n, ch, hw, inplace, threads):
         y_only, no_mean = native.bn_relu(bn, c_before.clone())
     want = F.relu(formula(bn, None, c_before))
     torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mean.double(), want.mean((2, 3)), atol=1e-5, rtol=1e-5)
+    # the means come as a handle (no tensor made between two convolutions); its tensor is the memory it points to
+    assert type(mean) is native.Means and mean.shape == (n, ch) and mean.tensor().data_ptr() == mean.data_ptr()
+    torch.testing.assert_close(mean.tensor().double(), want.mean((2, 3)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_only, y, atol=0, rtol=0)
-    assert no_mean is None and mean.shape == (n, ch)
+    assert no_mean is None
     assert (y is c) is inplace and (inplace or torch.equal(c, c_before))
 
 

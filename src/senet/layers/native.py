@@ -903,8 +903,29 @@ def report() -> dict:
             "path": _state["path"]}
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def _ptr(t: torch.Tensor | Means | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+class Means:
+    """``mean_hw`` of a ``bn_relu`` pass's output, (B, C) float32 at ``offset`` floats into ``buf`` (the pass's
+    scratch, kept alive here), handed to ``se_unit_end`` without making a tensor of it. At batch 1 every tensor
+    made between two convolutions costs its unit ~12-14 us, the caches cold (se_resnet50 on an AMD EPYC, timed in
+    place: the slice and view this replaced took ~0.4 ms a forward; docs/performance.md); ``tensor()`` makes one
+    where wanted."""
+
+    __slots__ = ("buf", "offset", "shape", "_ptr")
+
+    def __init__(self, buf: torch.Tensor, offset: int, n: int, ch: int):
+        self.buf, self.offset, self.shape = buf, offset, (n, ch)
+        self._ptr = buf.data_ptr() + 4 * offset
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def tensor(self) -> torch.Tensor:
+        n, ch = self.shape
+        return self.buf[self.offset:self.offset + n * ch].view(n, ch)
 
 
 def _threads() -> int | None:
@@ -982,11 +1003,11 @@ def bn_add_relu(bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor, inplace:
 
 
 def bn_relu(bn: nn.Module, c: torch.Tensor, inplace: bool = False,
-            mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+            mean: bool = False) -> tuple[torch.Tensor, Means | None] | None:
     """``(relu(bn(c)), mean_hw of it or None)`` in one pass, or None where it does not apply. ``mean``: also the
-    per-(b, c) means (B, C), from the same pass (``se_unit_end``'s ``h_mean``). ``inplace``: the result may go
-    into ``c``. The caller has checked: eager inference, fast path enabled, a ReLU after ``bn``, nobody
-    watching either."""
+    per-(b, c) means (B, C), from the same pass, as a ``Means`` (``se_unit_end``'s ``h_mean``). ``inplace``: the
+    result may go into ``c``. The caller has checked: eager inference, fast path enabled, a ReLU after ``bn``,
+    nobody watching either."""
     call = _bn_call(bn, c)
     if call is None:
         return None
@@ -994,7 +1015,7 @@ def bn_relu(bn: nn.Module, c: torch.Tensor, inplace: bool = False,
     n, ch, h, wd = c.shape
     y = c if inplace else torch.empty_like(c)
     tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
-    hm = tmp[2 * ch:].view(n, ch) if mean else None
+    hm = Means(tmp, 2 * ch, n, ch) if mean else None
     lib.senet_bn_relu(c.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(w), _ptr(b), bn.eps,
                       n, ch, h * wd, _ptr(hm), tmp.data_ptr(), nt)
     return y, hm
@@ -1030,7 +1051,7 @@ def _se_call(attn: nn.Module, x: torch.Tensor) -> tuple | None:
 
 def se_unit_end(attn: nn.Module, bn: nn.Module, c: torch.Tensor, shortcut: torch.Tensor,
                 inplace: bool = False, conv_in: tuple[nn.Module, torch.Tensor] | None = None,
-                h_mean: torch.Tensor | None = None) -> torch.Tensor | None:
+                h_mean: torch.Tensor | Means | None = None) -> torch.Tensor | None:
     """``relu(attn(bn(c)) + shortcut)`` for a plain SE block in one kernel call, or None where it does not
     apply. The caller has checked what ``bn_add_relu`` says, for ``attn`` too. ``inplace``: the result may go
     into ``c``. ``conv_in=(conv, h)``: ``c == conv(h)``; the squeeze may then read ``h`` and the conv's weight
@@ -1068,18 +1089,21 @@ def se_unit_end_scratch(n: int, ch: int, r: int, ch_in: int) -> int:
     return 3 * n * ch + n * r + 2 * ch + n * ch_in
 
 
-def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor, h_mean: torch.Tensor | None = None) -> tuple:
+def _through_conv(conv: nn.Module, h: torch.Tensor, c: torch.Tensor,
+                  h_mean: torch.Tensor | Means | None = None) -> tuple:
     """(h, weight, bias, h_mean) when the squeeze of ``c == conv(h)`` may read ``h`` and ``conv``'s weight
     instead of ``c`` and that reads at least ``SQUEEZE_THROUGH_CONV_MIN_SAVING`` fewer elements: a plain,
     unhooked 1x1 conv (stride 1, no padding, one group) in float32, for which ``mean_hw conv(h) = W mean_hw h + b``.
-    With ``h_mean`` (``mean_hw h``, (B, Ch) float32, known from the pass that wrote ``h``) only the weight is read
+    With ``h_mean`` (``mean_hw h``, (B, Ch) float32, known from the pass that wrote ``h``: a ``Means`` from
+    ``bn_relu``, or a tensor) only the weight is read
     in place of ``c``; an ``h_mean`` of another shape or kind is not used (None in the result).
     Else (None, None, None, None): the squeeze reads ``c``."""
     if type(conv) is not nn.Conv2d:
         return None, None, None, None
     weight, bias = conv.weight, conv.bias
     n, ch = c.shape[0], c.shape[1]
-    if h_mean is not None and (h_mean.shape != (n, h.shape[1]) or not _float_params((h_mean,), h_mean.numel())):
+    if h_mean is not None and (h_mean.shape != (n, h.shape[1]) or (
+            type(h_mean) is not Means and not _float_params((h_mean,), h_mean.numel()))):
         h_mean = None
     if (not squeeze_through_pays(c.numel(), 0 if h_mean is not None else h.numel(), weight.numel(), n)
             or weight.dim() != 4

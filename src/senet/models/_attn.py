@@ -88,7 +88,7 @@ def stage_attention(
 
 
 def conv_bn_relu(conv: nn.Module, bn: nn.Module, act: nn.Module, x: torch.Tensor,
-                 mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 mean: bool = False) -> tuple[torch.Tensor, native.Means | None]:
     """``(act(bn(conv(x))), None)``; in eager inference with a plain ReLU and nobody watching ``bn`` or it,
     BN and the ReLU in one native pass (``native.bn_relu``; into the conv's fresh output when a plain,
     unhooked ``nn.Conv2d`` wrote it), which with ``mean`` also gives ``mean_hw`` of the result, (B, C),
@@ -115,7 +115,7 @@ class AttnUnit(NoScript, nn.Module):
 
     def _merge(self, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
                conv_in: tuple[nn.Module, torch.Tensor] | None = None,
-               h_mean: torch.Tensor | None = None) -> torch.Tensor:
+               h_mean: native.Means | torch.Tensor | None = None) -> torch.Tensor:
         """The unit's end, ``post(act(standard(bn(c)) + shortcut))``. SE at ``standard`` runs fused:
         scale, addition and ReLU in one pass, and nothing the plain unit does not keep is kept for
         backward but the pooled ``z``, ``s`` and BN's affine map (vectors; see ``senet.layers.fused``).
@@ -161,7 +161,8 @@ class AttnUnit(NoScript, nn.Module):
         return self._at("post", self.act(out + shortcut))
 
     def _native_end(self, fused: bool, c: torch.Tensor, bn: nn.Module, shortcut: torch.Tensor,
-                    conv_in: tuple[nn.Module, torch.Tensor] | None, h_mean: torch.Tensor | None) -> torch.Tensor | None:
+                    conv_in: tuple[nn.Module, torch.Tensor] | None,
+                    h_mean: native.Means | torch.Tensor | None) -> torch.Tensor | None:
         """The unit's end in one native call (``senet.layers.native``; eager inference, nobody watching ``bn``),
         or None where the kernels do not apply: SE at ``standard`` (``fused``) or no attention at the end.
 
