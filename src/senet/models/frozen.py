@@ -5,8 +5,9 @@ types and hooks, BN's mode, each weight's dtype, layout and size (``senet.layers
 take microseconds, but inside a network at batch 1 the convolutions between two unit ends push the objects they
 read out of the caches, and timed there (se_resnet50, batch 1, one thread) the 16 SE unit ends spent ~1.4 ms a
 forward in Python against ~0.8 ms for resnet50's plain ends (docs/performance.md, item 20). Frozen,
-se_resnet50's SE costs +1.3% [0.5, 2.1] over resnet50 at batch 1 (30 processes), and the CIFAR ResNets, whose
-units do little work a call, run 20-24% faster at batch 1 (section "Frozen inference again").
+se_resnet50's SE costs +0.6% [-0.4, +1.5] over resnet50 at batch 1 (40 processes, AMD EPYC; section "The means'
+handle"), and the CIFAR ResNets, whose units do little work a call, run 20-24% faster at batch 1 (section "Frozen
+inference again").
 
 :func:`freeze` returns a snapshot of the model that runs each unit from a plan made once: its convolutions
 through ``F.conv2d`` with their arguments kept, its BN + ReLU passes and its unit end (SE or plain) as the
