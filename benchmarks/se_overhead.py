@@ -367,7 +367,7 @@ float fma_chains(long n, float seed) {
 def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5) -> float | None:
     """This core's float32 peak (GFLOP/s): independent fused multiply-adds with no memory traffic, compiled
     here with ``-march=native`` (best of ``reps``). No computation on one core runs faster, whatever its library;
-    a GEMM by the BLAS torch brings can run well below it (on an AMD EPYC 86 against 113 GFLOP/s: sgemm is
+    a GEMM by the BLAS torch brings can run well below it (on an AMD EPYC 81-86 against 116 GFLOP/s: sgemm is
     not a floor there). None without a C compiler."""
     import ctypes
     cc = native._compiler()
@@ -378,14 +378,14 @@ def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5) -> float | None:
         src.write_text(FMA_PEAK_SOURCE)
         flags = ["-O2", "-ffp-contract=fast", "-shared", "-fPIC"]
         flags += ["-march=native"] if os.uname().machine in ("x86_64", "AMD64") else []
-        done = subprocess.run([cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} could not build the FMA peak probe: {done.stderr.strip()[-300:]}")
         fn = ctypes.CDLL(str(lib)).fma_chains
         fn.argtypes, fn.restype = [ctypes.c_long, ctypes.c_float], ctypes.c_float
         fn(rounds // 10, 1.0)
         best = min(timed(lambda: fn(rounds, 1.0), reps))
-    return 2 * 12 * 16 * rounds / best / 1e9
+    return 2 * 12 * 16 * rounds / best / 1e9  # a multiply and an add per float: 12 chains of 16 floats a round
 
 
 def block_steps(se: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:

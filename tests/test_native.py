@@ -391,7 +391,7 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
     # saved; the result is the reference path's up to float rounding
     model = se_resnet()
     x = torch.randn(8, 3, 64, 64)
-    taken = []
+    taken, means = [], []
     real = native._through_conv
 
     def spy(conv, h, c, h_mean=None):
@@ -399,8 +399,6 @@ def test_unit_ends_squeeze_through_the_conv_where_that_reads_less(monkeypatch):
         taken.append(out[0] is h)
         means.append(type(h_mean))
         return out
-
-    means = []
 
     monkeypatch.setattr(native, "_through_conv", spy)
     got, ref = inference_and_reference(model, x)
