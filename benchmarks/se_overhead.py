@@ -35,6 +35,7 @@ import contextlib
 import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -377,7 +378,7 @@ def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5) -> float | None:
         src, lib = Path(tmp) / "peak.c", Path(tmp) / "peak.so"
         src.write_text(FMA_PEAK_SOURCE)
         flags = ["-O2", "-ffp-contract=fast", "-shared", "-fPIC"]
-        flags += ["-march=native"] if os.uname().machine in ("x86_64", "AMD64") else []
+        flags += ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []  # as native's build
         done = subprocess.run([cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} could not build the FMA peak probe: {done.stderr.strip()[-300:]}")
@@ -1066,8 +1067,8 @@ def bench_freeze(args) -> dict:
             raise SystemExit(f"freeze: --nets {name}: {err}") from err
         subjects[name] = [Subject(name, model, shape), Subject(name + "_frozen", frozen, shape)]
     results: dict = {}
+    cfg = BenchConfig(args.nets[0], args.nets[0], warmup=args.warmup, rounds=args.rounds, iters=args.iters)
     for batch in args.infer_batch:
-        cfg = BenchConfig(args.nets[0], args.nets[0], warmup=args.warmup, rounds=args.rounds, iters=args.iters)
         out = results[f"infer_b{batch}"] = {}
         for group in net_groups(args.nets):
             timed_here = [s for name in group for s in subjects[name]]
