@@ -365,11 +365,13 @@ float fma_chains(long n, float seed) {
 """
 
 
-def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5) -> float | None:
-    """This core's float32 peak (GFLOP/s): independent fused multiply-adds with no memory traffic, compiled
-    here with ``-march=native`` (best of ``reps``). No computation on one core runs faster, whatever its library;
-    a GEMM by the BLAS torch brings can run well below it (on an AMD EPYC 81-86 against 116 GFLOP/s: sgemm is
-    not a floor there). None without a C compiler."""
+def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5, threads: int = 1) -> float | None:
+    """The float32 peak (GFLOP/s) of ``threads`` cores: independent fused multiply-adds with no memory traffic,
+    compiled here with ``-march=native``, run by ``threads`` threads at once (ctypes lets go of the GIL; best of
+    ``reps``). No computation on those cores runs faster, whatever its library; a GEMM by the BLAS torch brings
+    can run well below it (on an AMD EPYC 81-86 against 116 GFLOP/s on one core: sgemm is not a floor there).
+    Two threads on one core's hardware threads share its FMA units, which this measures as it is. None without a
+    C compiler."""
     import ctypes
     cc = native._compiler()
     if cc is None:
@@ -385,8 +387,15 @@ def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5) -> float | None:
         fn = ctypes.CDLL(str(lib)).fma_chains
         fn.argtypes, fn.restype = [ctypes.c_long, ctypes.c_float], ctypes.c_float
         fn(rounds // 10, 1.0)
-        best = min(timed(lambda: fn(rounds, 1.0), reps))
-    return 2 * 12 * 16 * rounds / best / 1e9  # a multiply and an add per float: 12 chains of 16 floats a round
+        if threads == 1:
+            best = min(timed(lambda: fn(rounds, 1.0), reps))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda _: fn(rounds // 10, 1.0), range(threads)))  # every thread started
+                best = min(timed(lambda: list(pool.map(lambda _: fn(rounds, 1.0), range(threads))), reps))
+    # a multiply and an add per float: 12 chains of 16 floats a round, on each thread
+    return 2 * 12 * 16 * rounds * threads / best / 1e9
 
 
 def block_steps(se: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -994,12 +1003,14 @@ def bench_onnx(args) -> dict:
     # the compute floor: se_resnet50's multiply-adds at this core's float32 GEMM rate (what ORT's
     # convolutions can at best run at), and, strictly, at its peak FMA rate; the target needs onnxruntime
     # <= torch eager / 1.8
-    gflops, peak = sgemm_gflops(), fma_peak_gflops()
+    # both on torch's threads (onnxruntime runs as many)
+    nt = torch.get_num_threads()
+    gflops, peak = sgemm_gflops(), fma_peak_gflops(threads=nt)
     floor_ms = 2 * count_macs(se) / gflops / 1e6
     peak_floor_ms = 2 * count_macs(se) / peak / 1e6 if peak else None
     out = {**{f"{k}_ms": median_ms(v) for k, v in t.items()},
            "sgemm_gflops": gflops, "se_resnet50_compute_floor_ms": floor_ms, "fma_peak_gflops": peak,
-           "se_resnet50_peak_floor_ms": peak_floor_ms, "optimized_graph_ops": graphs,
+           "fma_peak_threads": nt, "se_resnet50_peak_floor_ms": peak_floor_ms, "optimized_graph_ops": graphs,
            "target_onnxruntime_ms": median_ms(t["torch_eager"]) / 1.8,
            "speedup_torch_over_ort": ratio(t["torch_eager"], t["onnxruntime"]),
            "speedup_torch_over_ort_conv_fc": ratio(t["torch_eager"], t["onnxruntime_conv_fc"]),
@@ -1010,7 +1021,7 @@ def bench_onnx(args) -> dict:
     for name, ops in graphs.items():
         print(f"{name}: onnxruntime's optimized graph: {ops}")
     print(f"float32 GEMM {gflops:.0f} GFLOP/s -> se_resnet50 compute floor {floor_ms:.1f} ms; "
-          + (f"peak FMA rate {peak:.0f} GFLOP/s -> {peak_floor_ms:.1f} ms; " if peak else "")
+          + (f"peak FMA rate {peak:.0f} GFLOP/s ({nt} threads) -> {peak_floor_ms:.1f} ms; " if peak else "")
           + f"the target needs onnxruntime <= {out['target_onnxruntime_ms']:.1f} ms")
     for k, v in out.items():
         if isinstance(v, dict) and "ratio" in v:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -160,6 +161,23 @@ def test_fma_peak_is_no_slower_than_a_gemm_on_one_core():
         gemm = se_overhead.sgemm_gflops(n=512, reps=5)
         peak = se_overhead.fma_peak_gflops(rounds=2_000_000, reps=3)
     assert peak is not None and peak >= 0.8 * gemm, (peak, gemm)
+
+
+@needs_kernels
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins the process to one CPU (Linux)")
+def test_fma_peak_of_two_threads_counts_both_threads_work():
+    # pinned to one CPU, two threads share its FMA units: each runs its own chains at half the rate, so two
+    # threads' peak is one thread's when both threads' multiply-adds are counted (half of it if only one's were,
+    # twice if one thread's work were counted twice)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        one = se_overhead.fma_peak_gflops(rounds=2_000_000, reps=3)
+        two = se_overhead.fma_peak_gflops(rounds=2_000_000, reps=3, threads=2)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert one is not None and two is not None
+    assert 0.7 * one <= two <= 1.4 * one, (one, two)
 
 
 def test_resnet_target_modes_configure_each_run(tmp_path, monkeypatch):
