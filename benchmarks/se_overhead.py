@@ -57,7 +57,9 @@ from senet.bench import (
     clustered_ratio_ci,
     make_step,
     measure,
+    onnx_step,
     paired_ratio_ci,
+    settle,
 )
 from senet.evaluate import provenance, write_json
 from senet.flops import count_macs
@@ -96,14 +98,17 @@ def window(step: Callable[[], object], iters: int) -> float:
 
 
 def interleave(steps: dict[str, Callable[[], object]], *, rounds: int, iters: int, warmup: int) -> dict[str, list]:
-    """Per-round mean seconds of every step (``window``); the order alternates AB.., ..BA each round."""
+    """Per-round mean seconds of every step (``window``); the order alternates AB.., ..BA each round. A step marked
+    with ``settle_s`` (an onnxruntime session) is followed by that untimed pause."""
     names = list(steps)
     for n in names:
         timed(steps[n], warmup)
+        settle(steps[n])
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
             out[n].append(window(steps[n], iters))
+            settle(steps[n])  # onnxruntime's threads stop spinning before the next step (senet.bench.settle)
     return out
 
 
@@ -993,8 +998,7 @@ def bench_onnx(args) -> dict:
 
     def ort(model, name):
         sess, graphs[name] = temp_onnx_session(model, (3, 224, 224), optimized_ops=True)
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        return lambda: sess.run(None, feed)
+        return onnx_step(sess, {sess.get_inputs()[0].name: x.numpy()})
     steps = {"torch_eager": make_step(se, x, train=False, runtime="torch", input_size=(3, 224, 224)),
              "onnxruntime": ort(se, "se_resnet50"), "onnxruntime_conv_fc": ort(se_conv, "se_resnet50_conv_fc"),
              "resnet50_torch_eager": make_step(plain, x, train=False, runtime="torch", input_size=(3, 224, 224)),

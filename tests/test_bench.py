@@ -137,6 +137,40 @@ def test_onnxruntime_and_train_modes():
         run_bench(BenchConfig("se_resnet20", runtime="onnxruntime", train=True))
 
 
+def test_onnxruntime_windows_are_waited_out_before_the_next_network(monkeypatch):
+    # onnxruntime's threads spin-wait after a run and would slow whatever is timed next: after every window of an
+    # onnxruntime session (warmup included) comes an untimed pause of ORT_SETTLE_S, and a torch step has none
+    import senet.bench as bench
+    import senet.export as export
+
+    events = []
+
+    class Session:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "input"})]
+
+        def run(self, outputs, feed):
+            events.append(self.name)
+
+    names = iter(["se_resnet20", "resnet20"])
+    monkeypatch.setattr(export, "temp_onnx_session", lambda model, size, **kw: (Session(next(names)), None))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(s))
+    run_bench(BenchConfig("se_resnet20", "resnet20", batch=[1], res=8, runtime="onnxruntime", rounds=3, iters=2,
+                          warmup=1))
+    pause = bench.ORT_SETTLE_S
+    want = ["se_resnet20", pause, "resnet20", pause]  # warmup
+    for order in (["se_resnet20", "resnet20"], ["resnet20", "se_resnet20"], ["se_resnet20", "resnet20"]):
+        for name in order:
+            want += [name, name, pause]
+    assert events == want
+    events.clear()
+    run_bench(BenchConfig("se_resnet20", "resnet20", batch=[1], res=8, rounds=2, iters=1, warmup=1))
+    assert events == []
+
+
 def test_frozen_bench_times_the_frozen_networks(monkeypatch, capsys):
     from senet.models import FrozenResNet
     from senet.models import frozen as frozen_mod

@@ -574,3 +574,19 @@ def test_cpu_allocator_runs_each_side_in_its_own_processes(infer, tmp_path, monk
     assert res["peak_rss_mb"]["default"] == [p["default"]["peak_rss_mb"] for p in pairs]
     assert out["config"]["pairs"] == 2 and out["config"]["infer"] is infer
     assert "git_revision" in out and out["device"]["threads"] == 1
+
+
+def test_interleave_waits_out_an_onnxruntime_step(monkeypatch):
+    # the onnx target interleaves onnxruntime sessions with torch: every window of a session (warmup included) is
+    # followed by senet.bench's untimed pause, so its spinning threads do not slow the next step
+    import senet.bench as bench
+
+    events = []
+    session = type("Session", (), {"run": lambda self, outputs, feed: events.append("ort")})()
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(s))
+    steps = {"torch": lambda: events.append("torch"), "ort": bench.onnx_step(session, {})}
+    t = se_overhead.interleave(steps, rounds=2, iters=2, warmup=1)
+    pause = bench.ORT_SETTLE_S
+    assert events == ["torch", "ort", pause, "torch", "torch", "ort", "ort", pause, "ort", "ort", pause,
+                      "torch", "torch"]
+    assert [len(v) for v in t.values()] == [2, 2]

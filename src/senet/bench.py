@@ -170,14 +170,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# onnxruntime's idle workers spin-wait after a run (its default, which its back-to-back runs gain from) for 30-100 ms
+# here, taking their cores from whatever is timed next: on 2 cores (AMD EPYC, 2 threads) se_resnet50 in torch took
+# 128 ms right after a session's run against 82 ms 0.3 s later, and a second session 97 ms against 68 ms
+# (docs/performance.md, section 5). An onnxruntime step is followed by this untimed pause (``settle``).
+ORT_SETTLE_S = 0.25
+
+
+def onnx_step(sess, feed: dict) -> Callable[[], None]:
+    """``sess.run`` on ``feed`` as a timed step, marked to be waited out (``ORT_SETTLE_S``) before the next one."""
+    def run() -> None:
+        sess.run(None, feed)
+    run.settle_s = ORT_SETTLE_S
+    return run
+
+
+def settle(step: Callable[[], None]) -> None:
+    """Wait, untimed, for what ``step`` leaves running after its calls (onnxruntime's spinning threads) to stop."""
+    pause = getattr(step, "settle_s", 0.0)
+    if pause:
+        time.sleep(pause)
+
+
 def make_step(model: nn.Module, x: torch.Tensor, *, train: bool, runtime: str, input_size) -> Callable[[], None]:
     """One timed unit of work: a forward pass, or forward + backward + SGD step with ``train``."""
     if runtime == "onnxruntime":
         from senet.export import temp_onnx_session
 
         sess, _ = temp_onnx_session(model, input_size)
-        feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
-        return lambda: sess.run(None, feed)
+        return onnx_step(sess, {sess.get_inputs()[0].name: x.cpu().numpy()})
     if not train:
         model.eval()
 
@@ -231,11 +252,13 @@ def measure(subjects: list[Subject], batch: int, cfg: BenchConfig, device: torch
         memory[s.name] = _memory(s.model, x, steps[-1], cfg, device)
     for step in steps:
         _timed(step, device, cfg.warmup)
+        settle(step)
     rounds: list[list[list[float]]] = [[] for _ in subjects]
     for r in range(cfg.rounds):
         order = range(len(subjects)) if r % 2 == 0 else reversed(range(len(subjects)))  # AB, BA, ...
         for i in order:
             rounds[i].append(_timed(steps[i], device, cfg.iters))
+            settle(steps[i])
     results = {}
     for s, rs in zip(subjects, rounds, strict=True):
         s.times[batch] = rs
