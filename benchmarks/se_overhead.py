@@ -21,7 +21,7 @@ threads, git revision) and the load average before and after.
 
     python benchmarks/se_overhead.py block --threads 1    (commands used: docs/performance.md)
 
-``--processes K`` (resnet, timm) runs the target in K fresh processes one after the other, each with
+``--processes K`` (resnet, timm, freeze) runs the target in K fresh processes one after the other, each with
 ``--rounds`` interleaved rounds, and pools them: a process's state (where its weights landed in memory,
 what else ran then) moves a ratio for all of its rounds, by as much as SE costs at batch 1, so one
 process's interval understates the uncertainty; the pooled intervals resample processes, then rounds
@@ -153,6 +153,12 @@ def pooled_case(parts: list[dict]) -> dict:
         if key.startswith("ratio_to_") or key == "vs_resnet50_pytorch_ops":
             base = key.removeprefix("ratio_to_") if key.startswith("ratio_to_") else "resnet50_pytorch_ops"
             out[key] = {n: pooled_ratio(rounds[n], rounds[base]) for n in entry}
+    pairs = parts[0].get("ratio_pairs", {})  # the freeze target's ratios, named by their rounds
+    for key, spec in pairs.items():
+        out[key] = {k: pooled_ratio(rounds[a], rounds[b]) for k, (a, b) in spec.items()}
+    for key in ("ratio_pairs", "planned_units"):
+        if key in parts[0]:
+            out[key] = parts[0][key]
     if "se_traffic_floor" in parts[0]:
         diffs = [1e3 * (np.asarray(a, float) - np.asarray(b, float))
                  for a, b in zip(rounds["se_resnet50"], rounds["resnet50"], strict=True)]
@@ -165,6 +171,8 @@ def pooled_case(parts: list[dict]) -> dict:
     return out
 
 
+# the targets --processes and --pool pool (their cases carry per_round_s)
+POOLED_TARGETS = ("resnet", "timm", "freeze")
 # what a pooled file keeps of each process's provenance (``device``: its threads, native kernels, environment)
 PROCESS_PROVENANCE = ("git_revision", "created", "load_avg_before", "load_avg_after", "device")
 # what must agree between results files pooled by --pool (what is timed, and how)
@@ -231,6 +239,11 @@ def write_pooled(args, results: dict, processes: list[dict], header: str, load: 
             for n, r in res[rk].items():
                 per = ", ".join(f"{v:.3f}" for v in r["per_process"])
                 print(f"  {key} {n}/{rk.removeprefix('ratio_to_')} {fmt(r)}; per process {per}")
+        for rk, spec in res.get("ratio_pairs", {}).items():
+            for n, (a, b) in spec.items():
+                r = res[rk][n]
+                per = ", ".join(f"{v:.3f}" for v in r["per_process"])
+                print(f"  {key} {rk} {n}: {a}/{b} {fmt(r)}; per process {per}")
         if "se_traffic_floor" in res:
             f, c = res["se_traffic_floor"], res["se_traffic_floor"]["se_cost_ms"]
             print(f"  {key} SE's cost {c['ms']:.2f} ms [{c['ci_low']:.2f}, {c['ci_high']:.2f}] against its traffic "
@@ -270,6 +283,10 @@ def pool_files(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--pool: {path} and {first_path} measured different things ({', '.join(differ)} differ); "
                          "pool only runs of the same command and library versions")
     for key in cases:
+        for path, data in runs:
+            if not all(isinstance(part, dict) and "per_round_s" in part for part in _parts(data, key)):
+                parser.error(f"--pool {path}: its {key!r} holds no per-round times to pool (a freeze file written "
+                             "before this target pooled, in one entry per batch); run the target again")
         names = [sorted(part["per_round_s"]) for _, data in runs for part in _parts(data, key)]
         if any(n != names[0] for n in names):
             parser.error(f"--pool: the files time different networks in {key} ({names[0]} and others); "
@@ -1084,21 +1101,23 @@ def bench_freeze(args) -> dict:
     results: dict = {}
     cfg = BenchConfig(args.nets[0], args.nets[0], warmup=args.warmup, rounds=args.rounds, iters=args.iters)
     for batch in args.infer_batch:
-        out = results[f"infer_b{batch}"] = {}
         for group in net_groups(args.nets):
             timed_here = [s for name in group for s in subjects[name]]
             res = measure(timed_here, batch, cfg, DEVICE)
             per_round = round_means(timed_here, batch)
-            entry = out[" ".join(group)] = {
-                "per_call": res, "per_round_s": per_round,
-                "planned_units": {n: subjects[n][1].model.planned for n in group},
-                "frozen_to_eager": {n: ratio(per_round[n + "_frozen"], per_round[n]) for n in group}}
-            line = ", ".join(f"{n} {res[n]['p50_ms']:.2f} -> {res[n + '_frozen']['p50_ms']:.2f} ms "
-                             f"({fmt(entry['frozen_to_eager'][n])})" for n in group)
+            # the ratios as (numerator, denominator) rounds' names, so that --processes and --pool pool them too
+            pairs = {"frozen_to_eager": {n: [n + "_frozen", n] for n in group}}
             if len(group) == 2:
                 se, plain = group
-                entry["se_share"] = {"eager": ratio(per_round[se], per_round[plain]),
-                                     "frozen": ratio(per_round[se + "_frozen"], per_round[plain + "_frozen"])}
+                pairs["se_share"] = {"eager": [se, plain], "frozen": [se + "_frozen", plain + "_frozen"]}
+            entry = results[f"infer_b{batch} {' '.join(group)}"] = {
+                "per_call": res, "per_round_s": per_round,
+                "planned_units": {n: subjects[n][1].model.planned for n in group}, "ratio_pairs": pairs,
+                **{key: {k: ratio(per_round[a], per_round[b]) for k, (a, b) in spec.items()}
+                   for key, spec in pairs.items()}}
+            line = ", ".join(f"{n} {res[n]['p50_ms']:.2f} -> {res[n + '_frozen']['p50_ms']:.2f} ms "
+                             f"({fmt(entry['frozen_to_eager'][n])})" for n in group)
+            if "se_share" in entry:
                 line += " | " + ", ".join(f"{se}/{plain} {k} {fmt(v)}" for k, v in entry["se_share"].items())
             print(f"  batch {batch} frozen / eager: {line}")
     return results
@@ -1132,10 +1151,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--train-rounds", type=int, default=6, help="rounds of one training step each")
     p.add_argument("--processes", type=int, default=1,
-                   help="resnet, timm: run the target in this many fresh processes, one after another, --rounds "
-                        "each, and pool them (intervals resample processes, then rounds)")
+                   help="resnet, timm, freeze: run the target in this many fresh processes, one after another, "
+                        "--rounds each, and pool them (intervals resample processes, then rounds)")
     p.add_argument("--pool", nargs="+", metavar="FILE",
-                   help="resnet, timm: measure nothing; pool these results files of the target (single runs or "
+                   help="resnet, timm, freeze: measure nothing; pool these results files of the target (single runs or "
                         "--processes runs) as if their processes had been one run")
     p.add_argument("--reuse-freed-memory", action="store_true",
                    help="first tell glibc to keep freed memory (senet.allocator, as senet train does on CPU; "
@@ -1146,15 +1165,15 @@ def main(argv: list[str] | None = None) -> None:
     global DEVICE
     DEVICE = check_device(p, args)
     if args.pool:
-        if args.target not in ("resnet", "timm") or args.processes != 1:
-            p.error(f"--pool: pools results files of the resnet or timm target, alone (got {args.target!r}"
+        if args.target not in POOLED_TARGETS or args.processes != 1:
+            p.error(f"--pool: pools results files of the resnet, timm or freeze target, alone (got {args.target!r}"
                     f"{', --processes ' + str(args.processes) if args.processes != 1 else ''})")
         return pool_files(p, args)
     if args.processes < 1:
         p.error(f"--processes {args.processes}: give 1 (this process) or more")
     if args.processes > 1:
-        if args.target not in ("resnet", "timm"):
-            p.error(f"--processes {args.processes}: only the resnet and timm targets pool processes; "
+        if args.target not in POOLED_TARGETS:
+            p.error(f"--processes {args.processes}: only the resnet, timm and freeze targets pool processes; "
                     f"run {args.target} with --processes 1")
         if min(args.rounds, args.train_rounds) < 2:
             p.error(f"--rounds {args.rounds}, --train-rounds {args.train_rounds}: each process needs >= 2 of each "

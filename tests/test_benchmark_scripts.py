@@ -256,13 +256,16 @@ def test_freeze_target_times_each_network_eager_and_frozen(tmp_path, monkeypatch
                       "--rounds", "2", "--iters", "1", "--warmup", "1", "--tag", "_test"])
     saved = json.loads((tmp_path / "se_overhead_freeze_test.json").read_text())
     assert saved["config"]["nets"] == ["se_resnet20", "resnet20", "se_resnet32"] and saved["git_revision"]
-    pair, alone = saved["results"]["infer_b1"]["se_resnet20 resnet20"], saved["results"]["infer_b1"]["se_resnet32"]
+    pair, alone = saved["results"]["infer_b1 se_resnet20 resnet20"], saved["results"]["infer_b1 se_resnet32"]
     assert sorted(pair["per_round_s"]) == ["resnet20", "resnet20_frozen", "se_resnet20", "se_resnet20_frozen"]
     assert all(len(r) == 2 for r in pair["per_round_s"].values())  # every subject in every round
     ratios = pair["frozen_to_eager"]["se_resnet20"]
     rounds = pair["per_round_s"]
     assert ratios["ratio"] == pytest.approx(sum(rounds["se_resnet20_frozen"]) / sum(rounds["se_resnet20"]))
     assert set(pair["se_share"]) == {"eager", "frozen"} and "se_share" not in alone
+    assert pair["se_share"]["frozen"]["ratio"] == pytest.approx(
+        sum(rounds["se_resnet20_frozen"]) / sum(rounds["resnet20_frozen"]))
+    assert pair["ratio_pairs"]["se_share"]["eager"] == ["se_resnet20", "resnet20"]
     assert sorted(alone["frozen_to_eager"]) == ["se_resnet32"]
     assert pair["planned_units"] == {"se_resnet20": 9, "resnet20": 9} and alone["planned_units"] == {"se_resnet32": 15}
     with pytest.raises(SystemExit, match="--nets se_vgg16: senet.freeze takes"):
@@ -317,7 +320,45 @@ def test_drop_option_both_spellings():
     assert se_overhead.drop_option(argv, "--processes") == ["resnet", "--rounds", "5", "--tag", "_x"]
 
 
-@pytest.mark.parametrize("argv, says", [(["block", "--processes", "2"], "only the resnet and timm targets"),
+def test_freeze_target_pools_processes(tmp_path, monkeypatch):
+    # --processes for the freeze target: each process's rounds (made up here: measure is not timed) pooled per
+    # case, every ratio by the names of its rounds, the processes' own ratios kept
+    seen = []
+
+    def fake_measure(subjects, batch, cfg, device):
+        for s in subjects:  # eager 10 ms, frozen 9 ms; the SE network k ms slower in process k
+            base = 0.009 if s.name.endswith("_frozen") else 0.010
+            s.times[batch] = [[base + (0.001 * len(seen) if s.name.startswith("se_") else 0.0)]] * 2
+        return {s.name: {"p50_ms": 1.0} for s in subjects}
+
+    def fake_run_child(cmd):
+        seen.append(cmd)
+        se_overhead.main(cmd[2:])
+        return 0
+
+    monkeypatch.setattr(se_overhead, "RESULTS", tmp_path)
+    monkeypatch.setattr(se_overhead, "measure", fake_measure)
+    monkeypatch.setattr(se_overhead, "run_child", fake_run_child)
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    se_overhead.main(["freeze", "--nets", "se_resnet20", "resnet20", "--infer-batch", "1", "--rounds", "2",
+                      "--processes", "2", "--tag", "_pooled"])
+    assert len(seen) == 2
+    saved = json.loads((tmp_path / "se_overhead_freeze_pooled.json").read_text())
+    case = saved["results"]["infer_b1 se_resnet20 resnet20"]
+    frozen = case["se_share"]["frozen"]
+    assert frozen["per_process"] == pytest.approx([0.010 / 0.009, 0.011 / 0.009]) and frozen["processes"] == 2
+    assert frozen["ratio"] == pytest.approx((0.020 + 0.022) / 0.036)
+    assert case["se_share"]["eager"]["ratio"] == pytest.approx((0.022 + 0.024) / 0.040)
+    assert case["frozen_to_eager"]["resnet20"]["ratio"] == pytest.approx(0.9)
+    assert case["planned_units"] == {"se_resnet20": 9, "resnet20": 9} and len(saved["results"]["processes"]) == 2
+    # and the pooled file pools again with itself (--pool), each of its processes counted
+    se_overhead.main(["freeze", "--pool", str(tmp_path / "se_overhead_freeze_pooled.json"),
+                      str(tmp_path / "se_overhead_freeze_pooled.json"), "--tag", "_again"])
+    again = json.loads((tmp_path / "se_overhead_freeze_again.json").read_text())
+    assert again["results"]["infer_b1 se_resnet20 resnet20"]["se_share"]["frozen"]["processes"] == 4
+
+
+@pytest.mark.parametrize("argv, says", [(["block", "--processes", "2"], "only the resnet, timm and freeze targets"),
                                         (["resnet", "--processes", "0"], "--processes 0"),
                                         (["resnet", "--processes", "2", "--rounds", "1"], "--rounds 1")])
 def test_processes_flag_names_what_is_wrong(argv, says, capsys, monkeypatch):
@@ -472,11 +513,12 @@ def test_pool_files_refuses_what_it_cannot_pool(second, says, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("argv", [["block", "--pool", "x.json"], ["resnet", "--pool", "x.json", "--processes", "2"]])
-def test_pool_flag_goes_alone_with_resnet_or_timm(argv, capsys, monkeypatch):
+def test_pool_flag_goes_alone_with_a_pooled_target(argv, capsys, monkeypatch):
     monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
     with pytest.raises(SystemExit) as e:
         se_overhead.main(argv)
-    assert e.value.code == 2 and "--pool: pools results files of the resnet or timm target" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--pool: pools results files of the resnet, timm or freeze target" in err
 
 
 def test_pool_target_sets_senets_pooling_against_pytorchs(tmp_path, monkeypatch):
@@ -590,3 +632,13 @@ def test_interleave_waits_out_an_onnxruntime_step(monkeypatch):
     assert events == ["torch", "ort", pause, "torch", "torch", "ort", "ort", pause, "ort", "ort", pause,
                       "torch", "torch"]
     assert [len(v) for v in t.values()] == [2, 2]
+
+
+def test_pool_refuses_a_freeze_file_of_the_old_layout(tmp_path, capsys, monkeypatch):
+    # freeze files written before the target pooled keep one entry per batch, groups inside: named, not a KeyError
+    monkeypatch.setattr(se_overhead, "DEVICE", se_overhead.DEVICE)
+    old = _results_file(tmp_path / "old.json", {"infer_b1": {"se_resnet20 resnet20": {"per_round_s": {}}}},
+                        target="freeze")
+    with pytest.raises(SystemExit) as e:
+        se_overhead.main(["freeze", "--pool", old, old])
+    assert e.value.code == 2 and "holds no per-round times" in capsys.readouterr().err
