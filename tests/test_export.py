@@ -181,20 +181,3 @@ def test_cli_export_rejects_unknown_model(capsys):
 def test_load_spec_name_input_size():
     loaded = load_spec("se_resnet20")
     assert loaded.input_size == (3, 32, 32) and loaded.checkpoint is None
-
-
-def test_onnx_session_stops_spinning_between_runs_unless_asked(tmp_path):
-    # onnxruntime's idle workers spin-wait after each run by default, taking cores from what runs next (a torch
-    # step timed beside it, or another session): sessions stop spinning when a run ends, unless asked
-    model = _reduce_graph([2, 3], 1, 13)
-    model.ir_version = min(model.ir_version, 10)
-    onnx.save(model, str(tmp_path / "r.onnx"))
-    key = "session.force_spinning_stop"
-    stops = onnx_session(tmp_path / "r.onnx", threads=2)
-    spins = onnx_session(tmp_path / "r.onnx", threads=2, spin_between_runs=True)
-    assert stops.get_session_options().get_session_config_entry(key) == "1"
-    with pytest.raises(RuntimeError, match="does not have configuration"):
-        spins.get_session_options().get_session_config_entry(key)  # onnxruntime's default: spin
-    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
-    for sess in (stops, spins):
-        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x.mean((2, 3), keepdims=True), atol=1e-6)

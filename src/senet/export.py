@@ -183,23 +183,14 @@ def _export_pt2(model: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bo
     torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dyn), str(path))
 
 
-def onnx_session(path: str | Path, threads: int | None = None, *, optimized_path: str | Path | None = None,
-                 spin_between_runs: bool = False):
+def onnx_session(path: str | Path, threads: int | None = None, *, optimized_path: str | Path | None = None):
     """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads, default torch's);
-    ``optimized_path``: also write the graph onnxruntime runs after its optimizations there.
-
-    Its threads stop spinning when a run ends (``session.force_spinning_stop``) unless ``spin_between_runs``:
-    by default onnxruntime's idle workers spin-wait for 30-100 ms after each run, taking those cores from
-    whatever the process does next. On 2 cores (AMD EPYC, 2 threads) se_resnet50 in torch right after a run took
-    128 ms against 73 ms after a run that stopped spinning, which ran no slower itself (52 against 57 ms);
-    another session timed right after one took 97 against 68 ms (docs/performance.md, section 5)."""
+    ``optimized_path``: also write the graph onnxruntime runs after its optimizations there."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
-    if not spin_between_runs:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
         opts.log_severity_level = 3  # its warning that the saved graph is specific to this CPU
