@@ -171,7 +171,7 @@ def _sync(device: torch.device) -> None:
 
 
 # onnxruntime's idle workers spin-wait after a run (its default, which its back-to-back runs gain from) for 30-100 ms
-# here, taking their cores from whatever is timed next: on 2 cores (AMD EPYC, 2 threads) se_resnet50 in torch took
+# here, taking their cores from whatever is timed next: on 2 cores (AMD EPYC, 2 threads) resnet50 in torch took
 # 128 ms right after a session's run against 82 ms 0.3 s later, and a second session 97 ms against 68 ms
 # (docs/performance.md, section 5). An onnxruntime step is followed by this untimed pause (``settle``).
 ORT_SETTLE_S = 0.25
