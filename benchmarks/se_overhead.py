@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -235,15 +236,12 @@ def write_pooled(args, results: dict, processes: list[dict], header: str, load: 
     ``measured`` versions and device (``pool_payloads``)."""
     print(f"pooled over {header}; intervals resample processes, then rounds:")
     for key, res in results.items():
-        for rk in [k for k in res if k.startswith("ratio_to_")]:
-            for n, r in res[rk].items():
-                per = ", ".join(f"{v:.3f}" for v in r["per_process"])
-                print(f"  {key} {n}/{rk.removeprefix('ratio_to_')} {fmt(r)}; per process {per}")
-        for rk, spec in res.get("ratio_pairs", {}).items():
-            for n, (a, b) in spec.items():
-                r = res[rk][n]
-                per = ", ".join(f"{v:.3f}" for v in r["per_process"])
-                print(f"  {key} {rk} {n}: {a}/{b} {fmt(r)}; per process {per}")
+        lines = [(f"{n}/{rk.removeprefix('ratio_to_')}", r) for rk in res if rk.startswith("ratio_to_")
+                 for n, r in res[rk].items()]
+        lines += [(f"{rk} {n}: {a}/{b}", res[rk][n]) for rk, spec in res.get("ratio_pairs", {}).items()
+                  for n, (a, b) in spec.items()]
+        for label, r in lines:
+            print(f"  {key} {label} {fmt(r)}; per process " + ", ".join(f"{v:.3f}" for v in r["per_process"]))
         if "se_traffic_floor" in res:
             f, c = res["se_traffic_floor"], res["se_traffic_floor"]["se_cost_ms"]
             print(f"  {key} SE's cost {c['ms']:.2f} ms [{c['ci_low']:.2f}, {c['ci_high']:.2f}] against its traffic "
@@ -284,7 +282,7 @@ def pool_files(parser: argparse.ArgumentParser, args) -> None:
                          "pool only runs of the same command and library versions")
     for key in cases:
         for path, data in runs:
-            if not all(isinstance(part, dict) and "per_round_s" in part for part in _parts(data, key)):
+            if not all("per_round_s" in part for part in _parts(data, key)):
                 parser.error(f"--pool {path}: its {key!r} holds no per-round times to pool (a freeze file written "
                              "before this target pooled, in one entry per batch); run the target again")
         names = [sorted(part["per_round_s"]) for _, data in runs for part in _parts(data, key)]
@@ -408,14 +406,11 @@ def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5, threads: int = 1) -
             raise RuntimeError(f"{cc} could not build the FMA peak probe: {done.stderr.strip()[-300:]}")
         fn = ctypes.CDLL(str(lib)).fma_chains
         fn.argtypes, fn.restype = [ctypes.c_long, ctypes.c_float], ctypes.c_float
-        fn(rounds // 10, 1.0)
-        if threads == 1:
-            best = min(timed(lambda: fn(rounds, 1.0), reps))
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda _: fn(rounds // 10, 1.0), range(threads)))  # every thread started
-                best = min(timed(lambda: list(pool.map(lambda _: fn(rounds, 1.0), range(threads))), reps))
+        with ThreadPoolExecutor(threads) as pool:
+            def run(n: int) -> None:
+                list(pool.map(lambda _: fn(n, 1.0), range(threads)))
+            run(rounds // 10)  # every thread started and warm
+            best = min(timed(lambda: run(rounds), reps))
     # a multiply and an add per float: 12 chains of 16 floats a round, on each thread
     return 2 * 12 * 16 * rounds * threads / best / 1e9
 
@@ -1021,10 +1016,9 @@ def bench_onnx(args) -> dict:
              "resnet50_torch_eager": make_step(plain, x, train=False, runtime="torch", input_size=(3, 224, 224)),
              "resnet50_onnxruntime": ort(plain, "resnet50")}
     t = interleave(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup)
-    # the compute floor: se_resnet50's multiply-adds at this core's float32 GEMM rate (what ORT's
-    # convolutions can at best run at), and, strictly, at its peak FMA rate; the target needs onnxruntime
-    # <= torch eager / 1.8
-    # both on torch's threads (onnxruntime runs as many)
+    # the compute floor: se_resnet50's multiply-adds at the float32 GEMM rate (what ORT's convolutions can at best
+    # run at), and, strictly, at the peak FMA rate, both on torch's threads (onnxruntime runs as many); the target
+    # needs onnxruntime <= torch eager / 1.8
     nt = torch.get_num_threads()
     gflops, peak = sgemm_gflops(), fma_peak_gflops(threads=nt)
     floor_ms = 2 * count_macs(se) / gflops / 1e6
