@@ -449,8 +449,10 @@ def bench_block(args) -> dict:
     """SE block (released form: FCs with bias, r = 16) alone, forward and forward + backward.
 
     Floor: forward = one read (squeeze) + one read and one write (scale) = t(mean) + t(clone) of the
-    same tensor; backward adds one read of the gradient, one of x and one write of dL/dx (the sum
-    ds = Σ g x and the squeeze's gradient fold into that pass) = again t(mean) + t(clone).
+    same tensor; backward adds one read of the gradient, one of x and one write of dL/dx = again
+    t(mean) + t(clone). That backward count is a lower bound, not a plan: dL/dx = g s + dz / HW needs
+    dz, which needs ds = Σ g x over the whole plane first, so a backward that cannot keep g in cache
+    between its two passes reads g twice (docs/performance.md, "Target 1 again on the AMD EPYC").
     """
     results = {"dram": bandwidth(2**26, args), "shapes": {}}
     # a bound below which no block can go unless its FCs' products overlap its passes over memory (the squeeze
