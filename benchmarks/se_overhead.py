@@ -35,7 +35,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -399,8 +398,7 @@ def fma_peak_gflops(rounds: int = 20_000_000, reps: int = 5, threads: int = 1) -
     with tempfile.TemporaryDirectory() as tmp:
         src, lib = Path(tmp) / "peak.c", Path(tmp) / "peak.so"
         src.write_text(FMA_PEAK_SOURCE)
-        flags = ["-O2", "-ffp-contract=fast", "-shared", "-fPIC"]
-        flags += ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []  # as native's build
+        flags = ["-O2", "-ffp-contract=fast", "-shared", "-fPIC", *native.arch_flags()]  # as native's build
         done = subprocess.run([cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} could not build the FMA peak probe: {done.stderr.strip()[-300:]}")

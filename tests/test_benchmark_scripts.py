@@ -67,7 +67,7 @@ def _probe():
 
 def test_fused_squeeze_probe_matches_torch(tmp_path, monkeypatch):
     # the probe's C kernel (BN + squeeze in one pass) against torch, alone and inside a network
-    if shutil.which("cc") is None and "CC" not in __import__("os").environ:
+    if shutil.which("cc") is None and "CC" not in os.environ:
         pytest.skip("no C compiler")
     probe = _probe()
     dll = probe.build(tmp_path)

@@ -803,11 +803,14 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def arch_flags() -> list[str]:
+    """The compiler's target flags for code built here to run here: this CPU's widest vectors on x86."""
+    return ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
 def _build(cc: str, openmp: bool) -> Path:
     """Compile ``SOURCE`` into the cache (atomically: a finished library or none) and return its path."""
-    flags = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-march=native")
+    flags = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", *arch_flags()]
     if openmp:
         flags.append("-fopenmp")
     try:
@@ -1014,11 +1017,17 @@ def bn_relu(bn: nn.Module, c: torch.Tensor, inplace: bool = False,
     lib, nt, (w, b, rm, rv) = call
     n, ch, h, wd = c.shape
     y = c if inplace else torch.empty_like(c)
-    tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
-    hm = Means(tmp, 2 * ch, n, ch) if mean else None
+    tmp, hm = bn_relu_scratch(c, n, ch, mean)
     lib.senet_bn_relu(c.data_ptr(), y.data_ptr(), rm.data_ptr(), rv.data_ptr(), _ptr(w), _ptr(b), bn.eps,
                       n, ch, h * wd, _ptr(hm), tmp.data_ptr(), nt)
     return y, hm
+
+
+def bn_relu_scratch(c: torch.Tensor, n: int, ch: int, mean: bool) -> tuple[torch.Tensor, Means | None]:
+    """``senet_bn_relu``'s ``tmp`` for ``c`` (B = n, C = ch): 2 C floats, and B C more for the means with ``mean``,
+    handed on as a ``Means`` into it (else None)."""
+    tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
+    return tmp, Means(tmp, 2 * ch, n, ch) if mean else None
 
 
 def _se_weights(attn: nn.Module, channels: int) -> tuple | None:

@@ -136,8 +136,7 @@ class _UnitPlan:
     def _bn_relu(self, c: torch.Tensor, bn: tuple, nt: int, mean: bool) -> native.Means | None:
         """``relu(bn(c))`` into ``c`` (``native.bn_relu``, in place), returning mean_hw of it (B, C) if asked."""
         n, ch, h, w = c.shape
-        tmp = c.new_empty(2 * ch + (n * ch if mean else 0))
-        hm = native.Means(tmp, 2 * ch, n, ch) if mean else None  # no tensor view: see native.Means
+        tmp, hm = native.bn_relu_scratch(c, n, ch, mean)  # the means as a handle, no tensor view: native.Means
         rm, rv, bw, bb, eps = bn
         self.lib.senet_bn_relu(c.data_ptr(), c.data_ptr(), rm, rv, bw, bb, eps, n, ch, h * w,
                                native._ptr(hm), tmp.data_ptr(), nt)
